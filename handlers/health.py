@@ -1,0 +1,22 @@
+"""Liveness and readiness for orchestrators and load balancers."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from handlers.http import json_response
+from server.db import database_ready
+from server.errors import Unavailable
+from server.keys import pool_key
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks = {"database": await database_ready(request.app[pool_key])}
+    failing = sorted(name for name, ok in checks.items() if not ok)
+    if failing:
+        raise Unavailable(f"Not ready: {', '.join(failing)} unavailable", headers={"Retry-After": "1"})
+    return json_response({"status": "ok", "checks": checks})

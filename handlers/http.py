@@ -1,0 +1,45 @@
+"""What every handler needs to read a request and write an answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from server.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, ValidationError
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object: 415 unless JSON, 413 over the limit, 400 unparseable, 422 not an object."""
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType("Content-Type must be application/json")
+    limit = request.client_max_size
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"Request body is larger than {limit} bytes")
+    body = await request.read()
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"Malformed JSON body: {exc.msg}") from None
+    if not isinstance(value, dict):
+        raise ValidationError.field("body", "must be a JSON object")
+    return value
+
+
+def query_int(request: web.Request, name: str, default: int | None, low: int, high: int) -> int | None:
+    """An integer query parameter within [low, high]; 422 naming it otherwise."""
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationError.field(name, "must be an integer") from None
+    if not low <= value <= high:
+        raise ValidationError.field(name, f"must be between {low} and {high}")
+    return value

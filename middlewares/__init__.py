@@ -1,0 +1,1 @@
+"""Cross-cutting request processing, one concern per module."""

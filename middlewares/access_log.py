@@ -1,0 +1,61 @@
+"""One JSON line per request, with any token in the query string redacted."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from aiohttp import web
+
+log = logging.getLogger("herald.access")
+
+SECRET_PARAMS = frozenset({"access_token", "token"})
+
+
+def redacted_path(request: web.Request) -> str:
+    if not request.query_string:
+        return request.path
+    if not SECRET_PARAMS.intersection(request.query):
+        return request.path_qs
+    query = request.rel_url.query.copy()
+    for name in SECRET_PARAMS.intersection(query):
+        query[name] = "REDACTED"
+    return str(request.rel_url.with_query(query))
+
+
+def route_name(request: web.Request) -> str:
+    """The route template (`/api/channels/{channel}/events`), never the raw path."""
+    info = request.match_info
+    if info.http_exception is not None or info.route.resource is None:
+        return "unmatched"
+    return info.route.resource.canonical
+
+
+def response_bytes(response: web.StreamResponse | None) -> int:
+    if response is None:
+        return 0
+    if response.prepared:
+        return response.body_length
+    return response.content_length or 0
+
+
+@web.middleware
+async def access_log_middleware(request: web.Request, handler):
+    start = time.perf_counter()
+    response = None
+    try:
+        response = await handler(request)
+        return response
+    finally:
+        log.info(
+            "request",
+            extra={
+                "method": request.method,
+                "path": redacted_path(request),
+                "route": route_name(request),
+                "status": response.status if response is not None else 499,
+                "duration_ms": round((time.perf_counter() - start) * 1000, 3),
+                "bytes": response_bytes(response),
+                "remote": request.remote,
+            },
+        )

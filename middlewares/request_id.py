@@ -1,0 +1,35 @@
+"""Every request gets an id: the caller's if well-formed, else a fresh UUID."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from aiohttp import web
+
+from server.logs import request_id_var
+
+VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+REQUEST_ID = "request_id"
+
+
+def request_id_for(incoming: str | None) -> str:
+    if incoming and VALID_REQUEST_ID.fullmatch(incoming):
+        return incoming
+    return str(uuid.uuid4())
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler):
+    request_id = request_id_for(request.headers.get("X-Request-Id"))
+    request[REQUEST_ID] = request_id
+    token = request_id_var.set(request_id)
+    try:
+        return await handler(request)
+    finally:
+        request_id_var.reset(token)
+
+
+async def set_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: streamed responses (SSE, WebSocket, files) get the header too."""
+    response.headers["X-Request-Id"] = request.get(REQUEST_ID) or request_id_for(None)

@@ -1,0 +1,64 @@
+"""Herald's command line: serve (default), migrate, createuser."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from server.logs import configure_logging
+from server.settings import Settings, SettingsError, load_settings
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="run.py", description="Herald, a real-time event server.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--settings", metavar="PATH", help="settings file (default: settings.toml or $HERALD_SETTINGS)")
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", parents=[common], help="run the server (default)")
+    serve.add_argument("--workers", type=int, metavar="N", help="worker processes (default: one per core)")
+    serve.add_argument("--host", metavar="H")
+    serve.add_argument("--port", type=int, metavar="P")
+    sub.add_parser("migrate", parents=[common], help="apply database migrations and exit")
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["serve", *argv]
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Command-line flags are validated like any other override: they go in as HERALD_SERVER_*."""
+    environ = dict(os.environ)
+    for key in ("host", "port", "workers"):
+        if (value := getattr(args, key, None)) is not None:
+            environ[f"HERALD_SERVER_{key.upper()}"] = str(value)
+    return load_settings(args.settings, environ)
+
+
+def migrate(settings: Settings) -> int:
+    from server import db
+    from server.supervisor import database
+
+    with database(settings) as (settings, description):
+        applied = asyncio.run(db.migrate(settings.database.url))
+        print(f"{description}: {len(applied)} migration(s) applied {' '.join(applied)}".rstrip())
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    configure_logging()
+    args = parse_args(argv)
+    try:
+        settings = settings_from(args)
+    except SettingsError as exc:
+        print(f"herald: bad setting {exc}", file=sys.stderr)
+        return 2
+    if args.command == "migrate":
+        return migrate(settings)
+    from server.supervisor import serve
+
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Herald's engine: everything but HTTP handler code."""

@@ -1,0 +1,326 @@
+"""Settings: settings.toml, then HERALD_<SECTION>_<KEY> and DATABASE_URL overrides.
+
+Every value is checked once at start-up; a bad one raises SettingsError naming the
+key, which run.py prints as one line before exiting with status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "EdDSA")
+# HERALD_* variables that are not overrides of a settings section.
+NON_SETTING_VARIABLES = {"HERALD_SETTINGS", "HERALD_ADMIN_USERNAME", "HERALD_ADMIN_PASSWORD"}
+
+
+def available_cores() -> int:
+    """Cores this process may use: CPU affinity, capped by a cgroup v2 quota (containers)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+class SettingsError(Exception):
+    """A setting that cannot be used; str() is the one line shown to the operator."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int | str = "auto"
+    shutdown_timeout: float = 10.0
+    trusted_proxies: tuple[str, ...] = ()
+
+    @property
+    def worker_count(self) -> int:
+        return available_cores() if self.workers == "auto" else int(self.workers)
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseSettings:
+    url: str = ""
+    data_dir: str = "var/pgdata"
+    pool_size: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    jwt_secret: str = ""
+    jwt_algorithm: str = "HS256"
+    jwt_private_key_file: str = ""
+    jwt_public_key_file: str = ""
+    jwt_issuer: str = "herald"
+    jwt_audience: str = "herald"
+    token_ttl: int = 3600
+    bcrypt_rounds: int = 12
+    session_secret: str = ""
+    secrets_dir: str = "var"
+
+
+@dataclass(frozen=True, slots=True)
+class CorsSettings:
+    origins: tuple[str, ...] = ()
+    max_age: int = 600
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsSettings:
+    body_bytes: int = 65536
+    rate: float = 50.0
+    burst: int = 100
+    login_rate: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class EventsSettings:
+    history_size: int = 10000
+    history_ttl: int = 86400
+    prune_interval: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeSettings:
+    heartbeat: float = 25.0
+    sse_ping: float = 15.0
+    sse_max_channels: int = 32
+    max_frame_bytes: int = 65536
+    outbound_buffer: int = 1048576
+    compression: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelRule:
+    pattern: str
+    subscribe: tuple[str, ...] = ()
+    publish: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    cors: CorsSettings = field(default_factory=CorsSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    events: EventsSettings = field(default_factory=EventsSettings)
+    realtime: RealtimeSettings = field(default_factory=RealtimeSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    channels: tuple[ChannelRule, ...] = ()
+
+    def replace(self, section: str, **values: Any) -> Settings:
+        """A copy with some keys of one section changed (tests, the embedded database)."""
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **values)})
+
+
+SECTIONS: dict[str, type] = {
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in dataclasses.fields(Settings)
+    if f.name != "channels"
+}
+
+# Numeric keys that may be zero; every other number must be positive.
+ZERO_ALLOWED = {"limits.rate", "cors.max_age"}
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file (if any), apply environment overrides, validate everything."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("HERALD_SETTINGS")
+    raw: dict[str, Any] = {}
+    if path:
+        raw = _read_toml(Path(path))
+    elif Path("settings.toml").is_file():
+        raw = _read_toml(Path("settings.toml"))
+    return build_settings(raw, environ)
+
+
+def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
+    unknown = set(raw) - set(SECTIONS) - {"channels"}
+    if unknown:
+        raise SettingsError(sorted(unknown)[0], "unknown section or key")
+    values: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        section = raw.get(name, {})
+        if not isinstance(section, dict):
+            raise SettingsError(name, "must be a table")
+        values[name] = _build_section(name, cls, section, _overrides_for(name, cls, environ))
+    _check_overrides_known(environ)
+    values["channels"] = _build_channel_rules(raw.get("channels", []))
+    url = environ.get("DATABASE_URL")
+    if url:
+        values["database"] = dataclasses.replace(values["database"], url=url)
+    settings = Settings(**values)
+    _check_cross_field(settings)
+    return settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise SettingsError(str(path), "settings file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(str(path), f"TOML syntax error: {exc}") from None
+
+
+def _overrides_for(section: str, cls: type, environ: Mapping[str, str]) -> dict[str, str]:
+    prefix = f"HERALD_{section.upper()}_"
+    keys = {f.name for f in dataclasses.fields(cls)}
+    found = {}
+    for var, value in environ.items():
+        if var.startswith(prefix):
+            key = var[len(prefix) :].lower()
+            if key not in keys:
+                raise SettingsError(var, "unknown setting")
+            found[key] = value
+    return found
+
+
+def _check_overrides_known(environ: Mapping[str, str]) -> None:
+    for var in environ:
+        if var.startswith("HERALD_") and var not in NON_SETTING_VARIABLES:
+            section = var[len("HERALD_") :].split("_", 1)[0].lower()
+            if section not in SECTIONS:
+                raise SettingsError(var, "unknown settings section")
+
+
+def _build_section(name: str, cls: type, table: Mapping[str, Any], env: Mapping[str, str]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in fields:
+            raise SettingsError(f"{name}.{key}", "unknown key")
+    values = {}
+    for key, f in fields.items():
+        qualified = f"{name}.{key}"
+        if key in env:
+            values[key] = _coerce(qualified, f.type, _parse_env(qualified, f.type, env[key]))
+        elif key in table:
+            values[key] = _coerce(qualified, f.type, table[key])
+    return cls(**values)
+
+
+def _parse_env(key: str, type_name: str, text: str) -> Any:
+    """Environment values are strings; give them the shape the TOML file would have."""
+    text = text.strip()
+    if type_name.startswith("tuple"):
+        if text.startswith("["):
+            try:
+                return tomllib.loads(f"v = {text}")["v"]
+            except tomllib.TOMLDecodeError:
+                raise SettingsError(key, "must be a TOML list or comma-separated values") from None
+        return [item.strip() for item in text.split(",") if item.strip()]
+    if type_name == "bool":
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(key, "must be true or false")
+    if type_name in ("int", "float", "int | str"):
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            return float(text) if type_name == "float" else text
+        except ValueError:
+            raise SettingsError(key, "must be a number") from None
+    return text
+
+
+def _coerce(key: str, type_name: str, value: Any) -> Any:
+    if type_name == "str":
+        if not isinstance(value, str):
+            raise SettingsError(key, "must be a string")
+        return value
+    if type_name == "bool":
+        if not isinstance(value, bool):
+            raise SettingsError(key, "must be true or false")
+        return value
+    if type_name.startswith("tuple"):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise SettingsError(key, "must be a list of strings")
+        return tuple(value)
+    if type_name == "int | str":  # server.workers
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SettingsError(key, 'must be "auto" or a whole number of at least 1')
+        return value
+    is_int = type_name == "int"
+    if isinstance(value, bool) or not isinstance(value, int | float) or (is_int and not isinstance(value, int)):
+        raise SettingsError(key, "must be a whole number" if is_int else "must be a number")
+    if value < 0 or (value == 0 and key not in ZERO_ALLOWED):
+        raise SettingsError(key, "must be positive")
+    return value if is_int else float(value)
+
+
+def _build_channel_rules(raw: Any) -> tuple[ChannelRule, ...]:
+    if not isinstance(raw, list):
+        raise SettingsError("channels", "must be an array of tables ([[channels]])")
+    rules = []
+    for index, item in enumerate(raw):
+        key = f"channels[{index}]"
+        if not isinstance(item, dict):
+            raise SettingsError(key, "must be a table")
+        unknown = set(item) - {"pattern", "subscribe", "publish"}
+        if unknown:
+            raise SettingsError(f"{key}.{sorted(unknown)[0]}", "unknown key")
+        if "pattern" not in item:
+            raise SettingsError(f"{key}.pattern", "is required")
+        pattern = _coerce(f"{key}.pattern", "str", item["pattern"])
+        if not pattern:
+            raise SettingsError(f"{key}.pattern", "must not be empty")
+        rules.append(
+            ChannelRule(
+                pattern=pattern,
+                subscribe=_coerce(f"{key}.subscribe", "tuple", item.get("subscribe", [])),
+                publish=_coerce(f"{key}.publish", "tuple", item.get("publish", [])),
+            )
+        )
+    return tuple(rules)
+
+
+def _check_cross_field(settings: Settings) -> None:
+    if not 1 <= settings.server.port <= 65535:
+        raise SettingsError("server.port", "must be between 1 and 65535")
+    auth = settings.auth
+    if auth.jwt_algorithm not in JWT_ALGORITHMS:
+        raise SettingsError("auth.jwt_algorithm", f"must be one of {', '.join(JWT_ALGORITHMS)}")
+    if not auth.jwt_algorithm.startswith("HS") and not (auth.jwt_private_key_file or auth.jwt_public_key_file):
+        raise SettingsError("auth.jwt_public_key_file", f"is required with {auth.jwt_algorithm}")
+    if not 4 <= auth.bcrypt_rounds <= 31:
+        raise SettingsError("auth.bcrypt_rounds", "must be between 4 and 31")
+    if settings.limits.burst < 1:
+        raise SettingsError("limits.burst", "must be at least 1")
+    for proxy in settings.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise SettingsError("server.trusted_proxies", f"{proxy!r} is not an IP address or CIDR") from None
+    for origin in settings.cors.origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise SettingsError("cors.origins", f"{origin!r} must start with http:// or https://")

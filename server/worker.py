@@ -1,0 +1,45 @@
+"""One serving process: its own event loop (uvloop when installed) and app on a socket."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+
+from aiohttp import web
+
+from server.app import create_app
+from server.settings import Settings
+
+log = logging.getLogger("herald.worker")
+
+
+def install_uvloop() -> bool:
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+async def serve_app(app: web.Application, sock: socket.socket, shutdown_timeout: float) -> None:
+    """Serve until SIGTERM/SIGINT, then drain: stop accepting, on_shutdown, finish in-flight."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await web.SockSite(runner, sock).start()
+        await stop.wait()
+        log.info("draining")
+    finally:
+        await runner.cleanup()
+
+
+def run_worker(settings: Settings, sock: socket.socket) -> None:
+    install_uvloop()
+    asyncio.run(serve_app(create_app(settings), sock, settings.server.shutdown_timeout))
