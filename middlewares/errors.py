@@ -9,9 +9,9 @@ from http import HTTPStatus
 import orjson
 from aiohttp import web
 
-from middlewares.request_id import REQUEST_ID
 from server.db import DATABASE_DOWN_ERRORS
 from server.errors import ApiError, code_for_status
+from server.keys import request_id_key
 
 log = logging.getLogger("herald.errors")
 
@@ -34,7 +34,7 @@ def problem_response(
         "status": status,
         "detail": detail,
         "code": code or code_for_status(status),
-        "request_id": request.get(REQUEST_ID),
+        "request_id": request.get(request_id_key),
     }
     if errors:
         body["errors"] = list(errors)

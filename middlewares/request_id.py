@@ -7,10 +7,10 @@ import uuid
 
 from aiohttp import web
 
+from server.keys import request_id_key
 from server.logs import request_id_var
 
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-REQUEST_ID = "request_id"
 
 
 def request_id_for(incoming: str | None) -> str:
@@ -22,7 +22,7 @@ def request_id_for(incoming: str | None) -> str:
 @web.middleware
 async def request_id_middleware(request: web.Request, handler):
     request_id = request_id_for(request.headers.get("X-Request-Id"))
-    request[REQUEST_ID] = request_id
+    request[request_id_key] = request_id
     token = request_id_var.set(request_id)
     try:
         return await handler(request)
@@ -32,4 +32,4 @@ async def request_id_middleware(request: web.Request, handler):
 
 async def set_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: streamed responses (SSE, WebSocket, files) get the header too."""
-    response.headers["X-Request-Id"] = request.get(REQUEST_ID) or request_id_for(None)
+    response.headers["X-Request-Id"] = request.get(request_id_key) or request_id_for(None)

@@ -12,3 +12,6 @@ if TYPE_CHECKING:
 
 settings_key: web.AppKey[Settings] = web.AppKey("settings_key")
 pool_key = web.AppKey("pool_key", asyncpg.Pool)
+
+# Per-request state, set by the middlewares.
+request_id_key = web.RequestKey("request_id_key", str)
