@@ -21,6 +21,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     serve.add_argument("--host", metavar="H")
     serve.add_argument("--port", type=int, metavar="P")
     sub.add_parser("migrate", parents=[common], help="apply database migrations and exit")
+    createuser = sub.add_parser("createuser", parents=[common], help="create a user (password from a prompt)")
+    createuser.add_argument("username")
+    createuser.add_argument("--role", action="append", default=[], dest="roles", help="a role; repeat for more")
+    createuser.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["serve", *argv]
     return parser.parse_args(argv)
@@ -45,6 +49,37 @@ def migrate(settings: Settings) -> int:
     return 0
 
 
+def read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    import getpass
+
+    password = getpass.getpass("Password: ")
+    if getpass.getpass("Repeat password: ") != password:
+        raise SystemExit("herald: the passwords differ")
+    return password
+
+
+def createuser(settings: Settings, args: argparse.Namespace) -> int:
+    from server.errors import ApiError
+    from server.supervisor import database, with_user_store
+    from server.users import validate_new_user
+
+    try:
+        username, password, roles = validate_new_user(args.username, read_password(args.password_stdin), args.roles)
+    except ApiError as exc:
+        print(f"herald: {exc.detail}", file=sys.stderr)
+        return 2
+    with database(settings) as (settings, _):
+        try:
+            user = asyncio.run(with_user_store(settings, lambda users: users.create(username, password, roles)))
+        except ApiError as exc:
+            print(f"herald: {exc.detail}", file=sys.stderr)
+            return 1
+    print(f"created user {user.username} (id {user.id}) with roles {', '.join(user.roles) or 'none'}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     configure_logging()
     args = parse_args(argv)
@@ -55,6 +90,8 @@ def main(argv: list[str]) -> int:
         return 2
     if args.command == "migrate":
         return migrate(settings)
+    if args.command == "createuser":
+        return createuser(settings, args)
     from server.supervisor import serve
 
     return serve(settings)

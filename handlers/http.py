@@ -7,7 +7,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from server.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, ValidationError
+from server.auth import Identity
+from server.errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized, UnsupportedMediaType, ValidationError
+from server.keys import identity_key
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -43,3 +45,28 @@ def query_int(request: web.Request, name: str, default: int | None, low: int, hi
     if not low <= value <= high:
         raise ValidationError.field(name, f"must be between {low} and {high}")
     return value
+
+
+def identity_of(request: web.Request) -> Identity | None:
+    return request[identity_key]  # type: ignore[return-value]
+
+
+def require_identity(request: web.Request) -> Identity:
+    identity = identity_of(request)
+    if identity is None:
+        raise Unauthorized()
+    return identity
+
+
+def require_admin(request: web.Request) -> Identity:
+    identity = require_identity(request)
+    if not identity.is_admin:
+        raise Forbidden("This needs the admin role")
+    return identity
+
+
+def page_params(request: web.Request) -> tuple[int | None, int]:
+    """`after` (a previous page's `next`) and `limit` (1..1000, default 100) of a list."""
+    limit = query_int(request, "limit", 100, 1, 1000)
+    after = query_int(request, "after", None, 0, 2**62)
+    return after, limit  # type: ignore[return-value]

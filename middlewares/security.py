@@ -1,4 +1,7 @@
-"""Security headers on every response, streamed ones included (an on_response_prepare hook)."""
+"""Security headers on every response, streamed ones included (an on_response_prepare hook).
+
+Cookies set over TLS (direct, or per a trusted proxy) are marked Secure here too.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +26,15 @@ STATIC_HEADERS = {
 Hook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
 
 
+def mark_cookies_secure(headers) -> None:
+    """Set-Cookie is already serialised when prepare hooks run, so edit the header lines."""
+    cookies = headers.getall("Set-Cookie", [])
+    if cookies:
+        del headers["Set-Cookie"]
+        for cookie in cookies:
+            headers.add("Set-Cookie", cookie if "; Secure" in cookie else f"{cookie}; Secure")
+
+
 def security_headers(trusted_proxies: Sequence[str]) -> Hook:
     async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
         headers = response.headers
@@ -31,5 +43,6 @@ def security_headers(trusted_proxies: Sequence[str]) -> Hook:
         headers.setdefault("Content-Security-Policy", PAGE_CSP if is_page else API_CSP)
         if is_tls(request, trusted_proxies):
             headers["Strict-Transport-Security"] = "max-age=63072000; includeSubDomains"
+            mark_cookies_secure(headers)
 
     return add_security_headers

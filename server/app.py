@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import aiohttp_cors
 from aiohttp import web
 
-from handlers import health
+from handlers import auth, health, users
 from middlewares.access_log import access_log_middleware
+from middlewares.auth import auth_middleware, herald_session_middleware
 from middlewares.errors import errors_middleware
 from middlewares.request_id import request_id_middleware, set_request_id_header
 from middlewares.security import security_headers
 from server import db
-from server.keys import settings_key
+from server.auth import TokenService
+from server.keys import pool_key, rules_key, sessions_key, settings_key, tokens_key, users_key
+from server.permissions import compile_rules
+from server.sessions import SessionStore
 from server.settings import Settings
+from server.users import UserStore
 
 EXPOSED_HEADERS = ("X-Request-Id", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "Retry-After")
 
@@ -24,11 +31,16 @@ def create_app(settings: Settings) -> web.Application:
             request_id_middleware,
             access_log_middleware,
             errors_middleware,
+            herald_session_middleware(settings.auth),
+            auth_middleware,
         ],
     )
     app[settings_key] = settings
+    app[tokens_key] = TokenService(settings.auth)
+    app[rules_key] = compile_rules(settings.channels)
 
     app.cleanup_ctx.append(db.pool_ctx)
+    app.cleanup_ctx.append(stores_ctx)
 
     app.on_response_prepare.append(set_request_id_header)
     app.on_response_prepare.append(security_headers(settings.server.trusted_proxies))
@@ -38,9 +50,24 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[settings_key]
+    app[users_key] = UserStore(app[pool_key], settings.auth.bcrypt_rounds)
+    app[sessions_key] = SessionStore(app[pool_key], settings.auth.session_ttl)
+    yield
+
+
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/healthz", health.healthz)
-    app.router.add_get("/readyz", health.readyz)
+    router = app.router
+    router.add_get("/healthz", health.healthz)
+    router.add_get("/readyz", health.readyz)
+    router.add_post("/api/auth/login", auth.login)
+    router.add_post("/api/auth/logout", auth.logout)
+    router.add_get("/api/me", auth.me)
+    router.add_post("/api/users", users.create_user)
+    router.add_get("/api/users", users.list_users)
+    router.add_patch("/api/users/{id}", users.update_user)
+    router.add_delete("/api/users/{id}", users.delete_user)
 
 
 def enable_cors(app: web.Application, settings: Settings) -> None:

@@ -8,10 +8,19 @@ import asyncpg
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from server.auth import TokenService
+    from server.permissions import CompiledRule
+    from server.sessions import SessionStore
     from server.settings import Settings
+    from server.users import UserStore
 
 settings_key: web.AppKey[Settings] = web.AppKey("settings_key")
 pool_key = web.AppKey("pool_key", asyncpg.Pool)
+tokens_key: web.AppKey[TokenService] = web.AppKey("tokens_key")
+users_key: web.AppKey[UserStore] = web.AppKey("users_key")
+sessions_key: web.AppKey[SessionStore] = web.AppKey("sessions_key")
+rules_key: web.AppKey[tuple[CompiledRule, ...]] = web.AppKey("rules_key")
 
 # Per-request state, set by the middlewares.
 request_id_key = web.RequestKey("request_id_key", str)
+identity_key = web.RequestKey("identity_key", object)  # server.auth.Identity | None

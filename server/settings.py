@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -71,6 +72,7 @@ class AuthSettings:
     token_ttl: int = 3600
     bcrypt_rounds: int = 12
     session_secret: str = ""
+    session_ttl: int = 86400
     secrets_dir: str = "var"
 
 
@@ -182,7 +184,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise SettingsError(str(path), "settings file not found") from None
-    except tomllib.TOMLDecodeError as exc:
+    except OSError as exc:
+        raise SettingsError(str(path), f"cannot read settings file: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SettingsError(str(path), f"TOML syntax error: {exc}") from None
 
 
@@ -273,6 +277,8 @@ def _coerce(key: str, type_name: str, value: Any) -> Any:
     is_int = type_name == "int"
     if isinstance(value, bool) or not isinstance(value, int | float) or (is_int and not isinstance(value, int)):
         raise SettingsError(key, "must be a whole number" if is_int else "must be a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SettingsError(key, "must be a finite number")
     if value < 0 or (value == 0 and key not in ZERO_ALLOWED):
         raise SettingsError(key, "must be positive")
     return value if is_int else float(value)
@@ -307,6 +313,8 @@ def _build_channel_rules(raw: Any) -> tuple[ChannelRule, ...]:
 def _check_cross_field(settings: Settings) -> None:
     if not 1 <= settings.server.port <= 65535:
         raise SettingsError("server.port", "must be between 1 and 65535")
+    if settings.database.url and not settings.database.url.startswith(("postgresql://", "postgres://")):
+        raise SettingsError("database.url", "must be a postgresql:// URL")
     auth = settings.auth
     if auth.jwt_algorithm not in JWT_ALGORITHMS:
         raise SettingsError("auth.jwt_algorithm", f"must be one of {', '.join(JWT_ALGORITHMS)}")

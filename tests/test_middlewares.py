@@ -139,7 +139,7 @@ async def test_body_of_exactly_the_limit_is_accepted_and_one_more_byte_is_413(ma
     assert len(exact) == 1000
     ok = await client.post("/t/echo", data=exact, headers={"Content-Type": "application/json"})
     assert ok.status == 200
-    too_big = exact[:-1] + b' }'
+    too_big = exact[:-1] + b" }"
     resp = await client.post("/t/echo", data=too_big, headers={"Content-Type": "application/json"})
     assert_problem(resp, await resp.json(content_type=None), 413, "payload_too_large")
 
@@ -192,7 +192,8 @@ async def test_a_crash_is_a_generic_500_and_the_traceback_is_logged_with_the_req
     assert "RuntimeError" not in text
     assert "Traceback" not in text
     [record] = [r for r in caplog.records if r.name == "herald.errors"]
-    assert record.exc_info and record.exc_info[0] is RuntimeError
+    assert record.exc_info
+    assert record.exc_info[0] is RuntimeError
     from server.logs import JsonFormatter
 
     # The formatter reads the request id from the context; the record carries the traceback.

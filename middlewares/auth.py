@@ -1,0 +1,102 @@
+"""Who is calling: bearer token, session cookie, or (WS/SSE only) ?access_token.
+
+Only a present but invalid credential is refused here (401); what an identity may do
+is decided next to the handlers. Cookie-authenticated unsafe requests and WebSocket
+upgrades must come from a trusted Origin (CSRF and cross-site WebSocket hijacking).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from aiohttp import web
+from aiohttp_session import get_session, session_middleware
+from aiohttp_session.cookie_storage import EncryptedCookieStorage
+
+from server.auth import Identity, InvalidToken
+from server.errors import Forbidden, Unauthorized
+from server.keys import identity_key, sessions_key, settings_key, tokens_key, users_key
+from server.net import is_tls
+from server.secrets import load_or_create_secret
+from server.settings import AuthSettings
+
+SESSION_COOKIE = "herald_session"
+QUERY_TOKEN_PATHS = frozenset({"/ws", "/sse"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Logging in again replaces the session, so the old cookie is neither used nor Origin-checked.
+COOKIE_IGNORED_PATHS = frozenset({"/api/auth/login"})
+
+
+def herald_session_middleware(settings: AuthSettings):
+    secret = settings.session_secret or load_or_create_secret(settings.secrets_dir, "session_secret")
+    storage = EncryptedCookieStorage(
+        hashlib.sha256(secret.encode()).digest(),
+        cookie_name=SESSION_COOKIE,
+        httponly=True,
+        samesite="Lax",
+        max_age=settings.session_ttl,
+    )
+    return session_middleware(storage)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler):
+    request[identity_key] = await identify(request)
+    return await handler(request)
+
+
+async def identify(request: web.Request) -> Identity | None:
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("The Authorization header must be 'Bearer <token>'")
+        return await identity_from_token(request.app, token.strip(), via="bearer")
+    if request.path in QUERY_TOKEN_PATHS and "access_token" in request.query:
+        return await identity_from_token(request.app, request.query["access_token"], via="query")
+    if SESSION_COOKIE in request.cookies and request.path not in COOKIE_IGNORED_PATHS:
+        identity = await identity_from_session(request)
+        if identity is not None:
+            check_origin(request)
+        return identity
+    return None
+
+
+async def identity_from_token(app: web.Application, token: str, via: str) -> Identity:
+    try:
+        claims = app[tokens_key].verify(token)
+    except InvalidToken:
+        raise Unauthorized("The token is invalid or expired") from None
+    user = await app[users_key].active_user(claims["sub"])
+    if user is None:
+        raise Unauthorized("The token's user no longer exists or is disabled")
+    return Identity(str(user.id), user.username, frozenset(user.roles), via=via, expires=float(claims["exp"]))
+
+
+async def identity_from_session(request: web.Request) -> Identity | None:
+    """The session's user; a stale cookie (logged out, expired) is just no credential."""
+    session = await get_session(request)
+    session_id = session.get("sid")
+    if not isinstance(session_id, str):
+        return None
+    user_id = await request.app[sessions_key].user_id(session_id)
+    user = await request.app[users_key].active_user(str(user_id)) if user_id is not None else None
+    if user is None:
+        session.invalidate()
+        return None
+    return Identity(str(user.id), user.username, frozenset(user.roles), via="cookie")
+
+
+def own_origin(request: web.Request) -> str:
+    scheme = "https" if is_tls(request, request.app[settings_key].server.trusted_proxies) else "http"
+    return f"{scheme}://{request.host}"
+
+
+def check_origin(request: web.Request) -> None:
+    is_upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+    if request.method in SAFE_METHODS and not is_upgrade:
+        return
+    origin = request.headers.get("Origin")
+    if origin and (origin == own_origin(request) or origin in request.app[settings_key].cors.origins):
+        return
+    raise Forbidden("A cookie-authenticated request must come from a trusted Origin")
