@@ -92,9 +92,14 @@ def main(argv: list[str]) -> int:
         return migrate(settings)
     if args.command == "createuser":
         return createuser(settings, args)
+    from server.errors import ApiError
     from server.supervisor import serve
 
-    return serve(settings)
+    try:
+        return serve(settings)
+    except ApiError as exc:  # the bootstrap admin's name or password is refused
+        print(f"herald: HERALD_ADMIN_USERNAME/HERALD_ADMIN_PASSWORD: {exc.detail}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

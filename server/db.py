@@ -45,6 +45,7 @@ def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
         if not match:
             raise ValueError(f"migration file name must be NNN_name.sql: {path.name}")
         migrations.append(Migration(int(match[1]), match[2], path.read_text()))
+    migrations.sort(key=lambda m: m.version)
     versions = [m.version for m in migrations]
     if len(set(versions)) != len(versions):
         raise ValueError("two migrations share a version number")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -59,16 +61,20 @@ class PostgresServer:
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+def postgres() -> Iterator[PostgresServer]:
     url = os.environ.get("DATABASE_URL")
     if url:
         yield PostgresServer(admin_url=url, embedded=None)
         return
-    embedded = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+    # Not under pytest's tmp dir: pgserver opens the parent dirs to its own system user
+    # (when run as root), and each new pytest session closes /tmp/pytest-of-<user> again.
+    parent = tempfile.mkdtemp(prefix="herald-pg-")
+    embedded = EmbeddedPostgres(os.path.join(parent, "data"))
     try:
         yield PostgresServer(admin_url=embedded.url("postgres"), embedded=embedded)
     finally:
         embedded.stop()
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
