@@ -12,7 +12,7 @@ from server.users import validate_new_user
 
 def user_id_from(request: web.Request) -> int:
     raw = request.match_info["id"]
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:  # "²".isdigit(), "٤٢".isdigit() too
         raise NotFound(f"No user {raw}")
     return int(raw)
 
@@ -41,6 +41,8 @@ async def update_user(request: web.Request) -> web.Response:
         raise ValidationError.field("disabled", "must be true or false")
     roles = None
     if "roles" in body:
+        if not isinstance(body["roles"], list):
+            raise ValidationError.field("roles", "must be a list of role names")
         _, _, roles = validate_new_user("placeholder", "placeholder", body["roles"])
     user = await request.app[users_key].update(user_id_from(request), disabled=disabled, roles=roles)
     if user is None:

@@ -135,7 +135,7 @@ class UserStore:
         if cached is not None and cached[1] > now:
             return cached[0]
         user = None
-        if user_id.isdigit() and len(user_id) < 19:
+        if user_id.isascii() and user_id.isdigit() and len(user_id) < 19:  # not "²" (int() fails) nor "٤٢"
             row = await self.pool.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", int(user_id))
             if row is not None and not row["disabled"]:
                 user = User.from_row(row)
