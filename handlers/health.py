@@ -7,7 +7,7 @@ from aiohttp import web
 from handlers.http import json_response
 from server.db import database_ready
 from server.errors import Unavailable
-from server.keys import pool_key
+from server.keys import broker_key, pool_key
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -15,7 +15,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    checks = {"database": await database_ready(request.app[pool_key])}
+    checks = {
+        "database": await database_ready(request.app[pool_key]),
+        "listener": request.app[broker_key].connected,
+    }
     failing = sorted(name for name, ok in checks.items() if not ok)
     if failing:
         raise Unavailable(f"Not ready: {', '.join(failing)} unavailable", headers={"Retry-After": "1"})

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import aiohttp_cors
 from aiohttp import web
 
-from handlers import auth, health, users
+from handlers import auth, channels, events, health, sse, users, ws
 from middlewares.access_log import access_log_middleware
 from middlewares.auth import auth_middleware, herald_session_middleware
 from middlewares.errors import errors_middleware
@@ -17,6 +17,7 @@ from server import db
 from server.auth import TokenService
 from server.keys import pool_key, rules_key, sessions_key, settings_key, tokens_key, users_key
 from server.permissions import compile_rules
+from server.realtime import close_connections, realtime_ctx
 from server.sessions import SessionStore
 from server.settings import Settings
 from server.users import UserStore
@@ -41,6 +42,8 @@ def create_app(settings: Settings) -> web.Application:
 
     app.cleanup_ctx.append(db.pool_ctx)
     app.cleanup_ctx.append(stores_ctx)
+    app.cleanup_ctx.append(realtime_ctx)
+    app.on_shutdown.append(close_connections)
 
     app.on_response_prepare.append(set_request_id_header)
     app.on_response_prepare.append(security_headers(settings.server.trusted_proxies))
@@ -68,6 +71,11 @@ def add_routes(app: web.Application) -> None:
     router.add_get("/api/users", users.list_users)
     router.add_patch("/api/users/{id}", users.update_user)
     router.add_delete("/api/users/{id}", users.delete_user)
+    router.add_get("/api/channels", channels.list_channels)
+    router.add_post("/api/channels/{channel}/events", events.publish)
+    router.add_get("/api/channels/{channel}/events", events.history)
+    router.add_get("/ws", ws.websocket)
+    router.add_get("/sse", sse.sse)
 
 
 def enable_cors(app: web.Application, settings: Settings) -> None:

@@ -9,7 +9,11 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from server.auth import TokenService
+    from server.broker import Broker
+    from server.events import EventStore
+    from server.hub import Hub
     from server.permissions import CompiledRule
+    from server.presence import Presence
     from server.sessions import SessionStore
     from server.settings import Settings
     from server.users import UserStore
@@ -20,6 +24,10 @@ tokens_key: web.AppKey[TokenService] = web.AppKey("tokens_key")
 users_key: web.AppKey[UserStore] = web.AppKey("users_key")
 sessions_key: web.AppKey[SessionStore] = web.AppKey("sessions_key")
 rules_key: web.AppKey[tuple[CompiledRule, ...]] = web.AppKey("rules_key")
+store_key: web.AppKey[EventStore] = web.AppKey("store_key")
+hub_key: web.AppKey[Hub] = web.AppKey("hub_key")
+broker_key: web.AppKey[Broker] = web.AppKey("broker_key")
+presence_key: web.AppKey[Presence] = web.AppKey("presence_key")
 
 # Per-request state, set by the middlewares.
 request_id_key = web.RequestKey("request_id_key", str)

@@ -10,8 +10,8 @@ from typing import Any
 
 import asyncpg
 
-from server.auth import check_password, hash_password, password_problem
-from server.errors import Conflict, ValidationError
+from server.auth import Identity, InvalidToken, TokenService, check_password, hash_password, password_problem
+from server.errors import Conflict, Unauthorized, ValidationError
 
 USERNAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 ROLE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -151,3 +151,15 @@ class UserStore:
         if self._dummy_hash is None:
             self._dummy_hash = await hash_password("not-a-real-password", self.bcrypt_rounds)
         return self._dummy_hash
+
+
+async def identity_for_token(tokens: TokenService, users: UserStore, token: str, via: str) -> Identity:
+    """The identity a token proves: valid signature and claims, and an existing, active user."""
+    try:
+        claims = tokens.verify(token)
+    except InvalidToken:
+        raise Unauthorized("The token is invalid or expired") from None
+    user = await users.active_user(claims["sub"])
+    if user is None:
+        raise Unauthorized("The token's user no longer exists or is disabled")
+    return Identity(str(user.id), user.username, frozenset(user.roles), via=via, expires=float(claims["exp"]))

@@ -1,0 +1,32 @@
+"""The channels a caller may follow, with live subscriber counts (PROTOCOL §4)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from handlers.http import json_response, query_int, require_identity
+from server.keys import presence_key, rules_key, store_key
+from server.permissions import may
+
+SCAN_BATCH = 500
+
+
+async def list_channels(request: web.Request) -> web.Response:
+    identity = require_identity(request)
+    limit = query_int(request, "limit", 100, 1, 1000)
+    cursor = request.query.get("after", "")
+    rules, store = request.app[rules_key], request.app[store_key]
+    found: list[tuple[str, int]] = []
+    while len(found) < limit:
+        batch = await store.channels_after(cursor, SCAN_BATCH)
+        for name, last_offset in batch:
+            cursor = name
+            if may(identity, "subscribe", name, rules):
+                found.append((name, last_offset))
+                if len(found) == limit:
+                    break
+        if len(batch) < SCAN_BATCH:
+            break
+    counts = await request.app[presence_key].totals([name for name, _ in found])
+    items = [{"name": name, "last_offset": last, "subscribers": counts[name]} for name, last in found]
+    return json_response({"items": items, "next": found[-1][0] if len(found) == limit else None})

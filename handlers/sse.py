@@ -1,0 +1,66 @@
+"""GET /sse: Server-Sent Events with a resumable cursor (PROTOCOL §6)."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from handlers.http import identity_of
+from server.connections import SseConnection
+from server.db import DATABASE_DOWN_ERRORS
+from server.errors import ValidationError
+from server.keys import hub_key, rules_key, settings_key
+from server.permissions import check_permission
+from server.wire import decode_cursor, sse_message
+
+RETRY = b"retry: 3000\n\n"
+
+
+def requested_channels(request: web.Request, limit: int) -> tuple[str, ...]:
+    channels = tuple(sorted(set(request.query.getall("channel", []))))
+    if not channels:
+        raise ValidationError.field("channel", "at least one channel is required")
+    if len(channels) > limit:
+        raise ValidationError.field("channel", f"at most {limit} channels per stream")
+    return channels
+
+
+async def sse(request: web.Request) -> web.StreamResponse:
+    settings = request.app[settings_key].realtime
+    channels = requested_channels(request, settings.sse_max_channels)
+    identity = identity_of(request)
+    for channel in channels:
+        check_permission(identity, "subscribe", channel, request.app[rules_key])
+    cursor = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    positions = decode_cursor(cursor, channels)
+
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    if request.version >= (1, 1):
+        response.enable_chunked_encoding()
+    await response.prepare(request)
+    hub = request.app[hub_key]
+    conn = SseConnection(hub, identity, response, request.transport, channels)
+    hub.attach(conn)
+    try:
+        await conn.send(RETRY)
+        subscriptions = []
+        for channel in channels:
+            after = positions[channel] if positions is not None else None
+            sub, resume = await hub.subscribe(conn, channel, after)
+            if not resume.recovered or (cursor and positions is None):
+                await conn.send(sse_message(orjson.dumps({"op": "reset", "channel": channel})))
+                sub.last_sent = resume.offset
+            conn.position(channel, sub.last_sent)
+            subscriptions.append(sub)
+        await conn.send(f"id: {conn.cursor()}\n\n".encode())  # sets lastEventId, fires no message
+        for sub in subscriptions:
+            await hub.replay(sub)
+        await conn.done.wait()
+    except (ConnectionError, *DATABASE_DOWN_ERRORS):
+        pass  # the client left, or the database did: the stream ends and the client resumes
+    finally:
+        hub.detach(conn)
+        conn.ended()
+    return response

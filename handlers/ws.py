@@ -1,0 +1,153 @@
+"""GET /ws: the WebSocket protocol of PROTOCOL §5."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from handlers.http import identity_of
+from server.connections import WebSocketConnection
+from server.db import DATABASE_DOWN_ERRORS
+from server.errors import ApiError, BadRequest, Conflict, Forbidden, ValidationError
+from server.events import validate_event
+from server.keys import hub_key, rules_key, settings_key, store_key, tokens_key, users_key
+from server.permissions import check_permission
+from server.users import identity_for_token
+
+log = logging.getLogger("herald.ws")
+
+SCALARS = (str, int, float, bool, type(None))
+
+
+def frame(message: dict[str, Any]) -> bytes:
+    return orjson.dumps(message)
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    settings = request.app[settings_key].realtime
+    ws = web.WebSocketResponse(
+        heartbeat=settings.heartbeat,
+        compress=settings.compression,
+        max_msg_size=settings.max_frame_bytes,
+    )
+    # aiohttp waits heartbeat/2 for the pong; PROTOCOL §10 allows a whole heartbeat.
+    ws._pong_heartbeat = settings.heartbeat
+    await ws.prepare(request)
+    hub = request.app[hub_key]
+    conn = WebSocketConnection(hub, identity_of(request), ws, request.transport)
+    hub.attach(conn)
+    session = Session(request, conn)
+    try:
+        await conn.send_json(
+            frame(
+                {
+                    "op": "welcome",
+                    "connection": conn.id,
+                    "user": conn.identity.public() if conn.identity else None,
+                    "heartbeat": settings.heartbeat,
+                }
+            )
+        )
+        async for message in ws:
+            if message.type == WSMsgType.TEXT:
+                await session.handle(message.data)
+            elif message.type == WSMsgType.BINARY:
+                await ws.close(code=1003, message=b"binary frames are not supported")
+    finally:
+        hub.detach(conn)
+        conn.ended()
+    return ws
+
+
+class Session:
+    """One connection's ops. Errors become `error` replies; the connection stays open."""
+
+    def __init__(self, request: web.Request, conn: WebSocketConnection) -> None:
+        self.app = request.app
+        self.conn = conn
+
+    async def handle(self, text: str) -> None:
+        message_id = None
+        try:
+            message = parse(text)
+            message_id = message.get("id")
+            op = message.get("op")
+            handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
+            if handler is None:
+                raise BadRequest(f"Unknown op {op!r}")
+            await handler(message, message_id)
+        except ApiError as exc:
+            await self.reply_error(message_id, exc.code, exc.detail or exc.title)
+        except DATABASE_DOWN_ERRORS:
+            await self.reply_error(message_id, "unavailable", "The database is unavailable; try again shortly")
+
+    async def reply(self, message_id: Any, op: str = "ok", **fields: Any) -> None:
+        await self.conn.send_json(frame({"op": op, "id": message_id, **fields}))
+
+    async def reply_error(self, message_id: Any, code: str, detail: str) -> None:
+        await self.reply(message_id, "error", code=code, message=detail)
+
+    async def op_ping(self, message: dict[str, Any], message_id: Any) -> None:
+        await self.reply(message_id, "pong")
+
+    async def op_auth(self, message: dict[str, Any], message_id: Any) -> None:
+        token = message.get("token")
+        if not isinstance(token, str):
+            raise ValidationError.field("token", "is required and must be a string")
+        identity = await identity_for_token(self.app[tokens_key], self.app[users_key], token, via="ws")
+        if self.conn.identity is not None and self.conn.identity.id != identity.id:
+            raise Forbidden("A connection cannot change its user")
+        self.conn.set_identity(identity)
+        await self.reply(message_id, user=identity.public())
+
+    async def op_subscribe(self, message: dict[str, Any], message_id: Any) -> None:
+        channel = message.get("channel")
+        check_permission(self.conn.identity, "subscribe", channel, self.app[rules_key])
+        after = message.get("offset")
+        if after is not None and (isinstance(after, bool) or not isinstance(after, int) or after < 0):
+            raise ValidationError.field("offset", "must be a non-negative integer")
+        if channel in self.conn.subscriptions:
+            raise Conflict(f"Already subscribed to {channel}")
+        hub = self.app[hub_key]
+        sub, resume = await hub.subscribe(self.conn, channel, after)
+        await self.reply(message_id, channel=channel, offset=resume.offset, recovered=resume.recovered)
+        # Replay runs beside the reader loop, so pongs and other ops keep flowing meanwhile.
+        self.conn.spawn(self.replay(sub, message_id))
+
+    async def replay(self, sub, message_id: Any) -> None:
+        try:
+            await self.app[hub_key].replay(sub)
+        except DATABASE_DOWN_ERRORS:
+            self.app[hub_key].unsubscribe(self.conn, sub.channel)
+            await self.reply_error(message_id, "unavailable", f"Replay of {sub.channel} failed; subscribe again")
+
+    async def op_unsubscribe(self, message: dict[str, Any], message_id: Any) -> None:
+        channel = message.get("channel")
+        if not isinstance(channel, str):
+            raise ValidationError.field("channel", "is required")
+        self.app[hub_key].unsubscribe(self.conn, channel)
+        await self.reply(message_id, channel=channel)
+
+    async def op_publish(self, message: dict[str, Any], message_id: Any) -> None:
+        channel = message.get("channel")
+        check_permission(self.conn.identity, "publish", channel, self.app[rules_key])
+        event_type, data = validate_event({k: v for k, v in message.items() if k in ("type", "data")})
+        event, _ = await self.app[store_key].publish(channel, event_type, data)
+        await self.conn.send_json(
+            b'{"op":"ok","id":' + orjson.dumps(message_id) + b',"event":' + event.json.encode() + b"}"
+        )
+
+
+def parse(text: str) -> dict[str, Any]:
+    try:
+        message = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise BadRequest("The message is not valid JSON") from None
+    if not isinstance(message, dict):
+        raise BadRequest("A message must be a JSON object with an op")
+    if not isinstance(message.get("id"), SCALARS):
+        raise BadRequest("id must be a JSON scalar")
+    return message

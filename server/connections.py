@@ -1,0 +1,188 @@
+"""Live connections as the hub sees them: a WebSocket or an SSE stream.
+
+deliver() is the hot path: one synchronous transport.write of bytes shared by every
+subscriber, then a look at the transport's backlog. Everything else (replies, replay,
+closing) goes through aiohttp's own writers, which pace themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import WSMsgType, web
+
+from server.auth import Identity
+from server.events import StoredEvent
+from server.wire import EncodedEvent, channel_set_tag, encode_cursor, event_payload, http_chunk, sse_message
+
+if TYPE_CHECKING:
+    from server.hub import Hub, Subscription
+
+log = logging.getLogger("herald.connections")
+
+CLOSE_TIMEOUT = 5.0
+SSE_PING = b": ping\n\n"
+
+
+class Connection:
+    kind = "connection"
+    __slots__ = ("__weakref__", "_expiry", "_tasks", "closed", "hub", "id", "identity", "subscriptions", "transport")
+
+    def __init__(self, hub: Hub, identity: Identity | None, transport: asyncio.Transport) -> None:
+        self.hub = hub
+        self.id = secrets.token_hex(8)
+        self.identity = identity
+        self.transport = transport
+        self.subscriptions: dict[str, Subscription] = {}
+        self.closed = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._expiry: asyncio.TimerHandle | None = None
+        self._watch_expiry()
+
+    def set_identity(self, identity: Identity) -> None:
+        self.identity = identity
+        self._watch_expiry()
+
+    def _watch_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        expires = self.identity.expires if self.identity is not None else None
+        if expires is not None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, expires - time.time())
+            self._expiry = loop.call_at(loop.time() + delay, self.close, 4401, "token expired")
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """A task tied to this connection: kept referenced, cancelled when it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _check_backlog(self) -> None:
+        if self.transport.get_write_buffer_size() > self.hub.outbound_limit:
+            self.hub.close_slow(self)
+
+    def ended(self) -> None:
+        """The handler is leaving: stop timers and tasks."""
+        self.closed = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+
+    def deliver(self, sub: Subscription, event: EncodedEvent) -> None:
+        raise NotImplementedError
+
+    async def send_replayed(self, sub: Subscription, event: StoredEvent) -> None:
+        raise NotImplementedError
+
+    def close(self, code: int, reason: str) -> None:
+        raise NotImplementedError
+
+    def close_slow(self) -> None:
+        self.close(4008, "slow consumer")
+
+
+class WebSocketConnection(Connection):
+    kind = "ws"
+    __slots__ = ("ws",)
+
+    def __init__(self, hub: Hub, identity: Identity | None, ws: web.WebSocketResponse, transport) -> None:
+        self.ws = ws
+        super().__init__(hub, identity, transport)
+
+    def deliver(self, sub: Subscription, event: EncodedEvent) -> None:
+        self.transport.write(event.ws_frame)
+        sub.last_sent = event.offset
+        self._check_backlog()
+
+    async def send_replayed(self, sub: Subscription, event: StoredEvent) -> None:
+        await self.ws.send_frame(event_payload(event.json.encode()), WSMsgType.TEXT)
+
+    async def send_json(self, message: bytes) -> None:
+        if not self.closed:
+            await self.ws.send_frame(message, WSMsgType.TEXT)
+
+    def close(self, code: int, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.spawn(self._close(code, reason))
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.ws.close(code=code, message=reason.encode())
+        except (TimeoutError, ConnectionError):
+            self.transport.abort()
+
+
+class SseConnection(Connection):
+    """An SSE stream; its cursor (`id:`) holds its position in every channel it follows."""
+
+    kind = "sse"
+    __slots__ = ("_index", "_tag", "chunked", "done", "positions", "response")
+
+    def __init__(
+        self, hub: Hub, identity: Identity | None, response: web.StreamResponse, transport, channels: tuple[str, ...]
+    ) -> None:
+        self.response = response
+        self.chunked = response.chunked
+        self.done = asyncio.Event()
+        self.positions = [0] * len(channels)
+        self._index = {channel: i for i, channel in enumerate(channels)}
+        self._tag = channel_set_tag(channels)
+        super().__init__(hub, identity, transport)
+
+    def cursor(self) -> str:
+        return encode_cursor(self._tag, self.positions)
+
+    def position(self, channel: str, offset: int) -> None:
+        self.positions[self._index[channel]] = offset
+
+    def deliver(self, sub: Subscription, event: EncodedEvent) -> None:
+        self.positions[self._index[event.channel]] = event.offset
+        if len(self.positions) == 1 and self.chunked:
+            data = event.single_channel_sse_chunk()
+        else:
+            data = sse_message(event.sse_data, self.cursor())
+            if self.chunked:
+                data = http_chunk(data)
+        self.transport.write(data)
+        sub.last_sent = event.offset
+        self._check_backlog()
+
+    async def send_replayed(self, sub: Subscription, event: StoredEvent) -> None:
+        self.position(event.channel, event.offset)
+        await self.response.write(sse_message(event_payload(event.json.encode()), self.cursor()))
+
+    async def send(self, message: bytes) -> None:
+        await self.response.write(message)
+
+    def ping(self) -> None:
+        """The keep-alive comment, and the only way to learn that an idle client left."""
+        if self.transport is None or self.transport.is_closing():
+            self.close(1000, "client left")
+            return
+        self.transport.write(http_chunk(SSE_PING) if self.chunked else SSE_PING)
+        self._check_backlog()
+
+    def close(self, code: int, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.done.set()
+
+    def close_slow(self) -> None:
+        self.close(4008, "slow consumer")
+        with contextlib.suppress(Exception):
+            self.transport.abort()

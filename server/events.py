@@ -1,0 +1,186 @@
+"""EventStore: durable events with gapless per-channel offsets, idempotency, history, retention."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+
+from server.errors import Conflict, ValidationError
+from server.settings import EventsSettings
+
+EVENTS_CHANNEL = "herald_events"  # the NOTIFY channel every process LISTENs on
+NOTIFY_LIMIT = 7900  # bytes; PostgreSQL refuses payloads of 8000 and more
+EVENT_TYPE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+PRUNE_LOCK = 0x4845_5241_4C45  # one pruner at a time across processes
+
+# The event's JSON text is built once, in SQL, so the publisher's response, the NOTIFY
+# payload and every subscriber's frame are the same bytes. Channel and type names are
+# restricted to characters that need no JSON escaping; data is already JSON text.
+EVENT_JSON_SQL = """'{"channel":"' || e.channel || '","offset":' || e."offset" || ',"type":"' || e.type
+    || '","data":' || e.data || ',"time":"'
+    || to_char(e.time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') || '"}'"""
+
+NOTIFY_SQL = f"""pg_notify('{EVENTS_CHANNEL}', CASE WHEN octet_length(j.json) <= {NOTIFY_LIMIT} THEN j.json
+    ELSE '{{"channel":"' || j.channel || '","offset":' || j."offset" || ',"large":true}}' END)"""
+
+PUBLISH_SQL = f"""
+WITH ch AS (
+    INSERT INTO channels AS c (name, last_offset) VALUES ($1, 1)
+    ON CONFLICT (name) DO UPDATE SET last_offset = c.last_offset + 1
+    RETURNING last_offset
+), e AS (
+    INSERT INTO events (channel, "offset", type, data, time)
+    SELECT $1, ch.last_offset, $2, $3, clock_timestamp() FROM ch
+    RETURNING channel, "offset", type, data, time
+), j AS (
+    SELECT e.channel, e."offset", {EVENT_JSON_SQL} AS json FROM e
+)
+SELECT j."offset", j.json, {NOTIFY_SQL} FROM j
+"""
+
+SELECT_EVENTS_SQL = f"""SELECT e."offset", {EVENT_JSON_SQL} AS json FROM events e"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as every transport shows it: its coordinates and its JSON text."""
+
+    channel: str
+    offset: int
+    json: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelState:
+    last_offset: int  # 0 for a channel that never had an event
+    first_kept: int | None  # the oldest offset still in history, None if none is kept
+
+
+def validate_event(body: dict[str, Any]) -> tuple[str, str]:
+    """The type and the data as JSON text, from a publish body; 422 naming the field."""
+    event_type = body.get("type", "message")
+    if not isinstance(event_type, str) or not EVENT_TYPE.fullmatch(event_type):
+        raise ValidationError.field("type", "must be 1 to 64 characters of A-Z a-z 0-9 _ . : -")
+    unknown = set(body) - {"type", "data"}
+    if unknown:
+        raise ValidationError.field(sorted(unknown)[0], "is not a field of an event")
+    return event_type, orjson.dumps(body.get("data")).decode()
+
+
+def validate_idempotency_key(key: str | None) -> str | None:
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+        raise ValidationError.field("Idempotency-Key", "must be 1 to 255 visible ASCII characters")
+    return key
+
+
+class EventStore:
+    def __init__(self, pool: asyncpg.Pool, settings: EventsSettings) -> None:
+        self.pool = pool
+        self.settings = settings
+
+    async def publish(
+        self, channel: str, event_type: str, data: str, idempotency_key: str | None = None
+    ) -> tuple[StoredEvent, bool]:
+        """Store an event; returns it and whether it is new (False: an idempotent replay).
+
+        The channel row is locked by the offset increment until commit, so offsets are
+        assigned in commit order and NOTIFY delivers them in that order.
+        """
+        if idempotency_key is None:
+            row = await self.pool.fetchrow(PUBLISH_SQL, channel, event_type, data)
+            return StoredEvent(channel, row["offset"], row["json"]), True
+        fingerprint = hashlib.sha256(f"{event_type}\n{data}".encode()).digest()
+        async with self.pool.acquire() as conn, conn.transaction():
+            # Take the channel lock first: a concurrent duplicate then waits here and
+            # sees the first one's key once it commits.
+            await conn.execute(
+                "INSERT INTO channels (name, last_offset) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING", channel
+            )
+            await conn.execute("SELECT 1 FROM channels WHERE name = $1 FOR UPDATE", channel)
+            existing = await conn.fetchrow(
+                """SELECT fingerprint, "offset" FROM idempotency_keys
+                   WHERE channel = $1 AND key = $2 AND created_at > now() - interval '24 hours'""",
+                channel,
+                idempotency_key,
+            )
+            if existing is not None:
+                if existing["fingerprint"] != fingerprint:
+                    raise Conflict("This Idempotency-Key was used with a different body")
+                first = await self._event(conn, channel, existing["offset"])
+                if first is not None:
+                    return first, False
+            row = await conn.fetchrow(PUBLISH_SQL, channel, event_type, data)
+            await conn.execute(
+                """INSERT INTO idempotency_keys (channel, key, fingerprint, "offset") VALUES ($1, $2, $3, $4)
+                   ON CONFLICT (channel, key) DO UPDATE
+                   SET fingerprint = excluded.fingerprint, "offset" = excluded."offset", created_at = now()""",
+                channel,
+                idempotency_key,
+                fingerprint,
+                row["offset"],
+            )
+            return StoredEvent(channel, row["offset"], row["json"]), True
+
+    async def _event(self, conn: asyncpg.Connection, channel: str, offset: int) -> StoredEvent | None:
+        row = await conn.fetchrow(f'{SELECT_EVENTS_SQL} WHERE e.channel = $1 AND e."offset" = $2', channel, offset)
+        return StoredEvent(channel, row["offset"], row["json"]) if row else None
+
+    async def history(self, channel: str, after: int, limit: int) -> list[StoredEvent]:
+        rows = await self.pool.fetch(
+            f'{SELECT_EVENTS_SQL} WHERE e.channel = $1 AND e."offset" > $2 ORDER BY e."offset" LIMIT $3',
+            channel,
+            after,
+            limit,
+        )
+        return [StoredEvent(channel, r["offset"], r["json"]) for r in rows]
+
+    async def event(self, channel: str, offset: int) -> StoredEvent | None:
+        async with self.pool.acquire() as conn:
+            return await self._event(conn, channel, offset)
+
+    async def state(self, channel: str) -> ChannelState:
+        row = await self.pool.fetchrow(
+            """SELECT (SELECT last_offset FROM channels WHERE name = $1) AS last_offset,
+                      (SELECT min("offset") FROM events WHERE channel = $1) AS first_kept""",
+            channel,
+        )
+        return ChannelState(row["last_offset"] or 0, row["first_kept"])
+
+    async def last_offsets(self, channels: list[str]) -> dict[str, int]:
+        rows = await self.pool.fetch("SELECT name, last_offset FROM channels WHERE name = any($1::text[])", channels)
+        found = {r["name"]: r["last_offset"] for r in rows}
+        return {c: found.get(c, 0) for c in channels}
+
+    async def channels_after(self, after: str, limit: int) -> list[tuple[str, int]]:
+        rows = await self.pool.fetch(
+            "SELECT name, last_offset FROM channels WHERE name > $1 AND last_offset > 0 ORDER BY name LIMIT $2",
+            after,
+            limit,
+        )
+        return [(r["name"], r["last_offset"]) for r in rows]
+
+    async def prune(self) -> int:
+        """Drop events past the count and age limits, and expired idempotency keys."""
+        async with self.pool.acquire() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", PRUNE_LOCK):
+                return 0
+            try:
+                by_age = await conn.execute(
+                    "DELETE FROM events WHERE time < now() - make_interval(secs => $1)",
+                    float(self.settings.history_ttl),
+                )
+                by_count = await conn.execute(
+                    """DELETE FROM events e USING channels c
+                       WHERE e.channel = c.name AND e."offset" <= c.last_offset - $1""",
+                    self.settings.history_size,
+                )
+                await conn.execute("DELETE FROM idempotency_keys WHERE created_at < now() - interval '24 hours'")
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", PRUNE_LOCK)
+        return int(by_age.split()[-1]) + int(by_count.split()[-1])

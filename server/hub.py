@@ -1,0 +1,174 @@
+"""This process's subscriptions, and the fan-out of each event to them.
+
+Every event is encoded once (EncodedEvent) and the same bytes are written to each
+subscriber's transport, synchronously, in one loop: no per-subscriber encoding, task
+or queue while a socket keeps up. A socket whose unsent bytes pass the configured
+limit is closed as a slow consumer, so it never delays the others.
+
+Resuming without gaps or duplicates (ARCHITECTURE.md, "Life of an event"): a new
+subscription buffers live events from the moment it is registered; once the broker
+serves the channel, history is read from the table and sent; then the buffer is
+flushed, skipping what history already covered, and the subscription goes live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from server.events import EventStore, StoredEvent
+from server.wire import EncodedEvent
+
+if TYPE_CHECKING:
+    from server.broker import Broker
+    from server.connections import Connection
+
+log = logging.getLogger("herald.hub")
+
+REPLAY_PAGE = 500
+
+
+class Subscription:
+    """One connection following one channel; `pending` buffers live events until replay ends."""
+
+    __slots__ = ("channel", "conn", "last_sent", "pending", "pending_bytes")
+
+    def __init__(self, conn: Connection, channel: str) -> None:
+        self.conn = conn
+        self.channel = channel
+        self.last_sent = 0
+        self.pending: list[EncodedEvent] | None = []
+        self.pending_bytes = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """What a subscribe answers: the channel's last offset, and whether history reached back."""
+
+    offset: int
+    recovered: bool
+
+
+class Hub:
+    def __init__(self, store: EventStore, outbound_limit: int) -> None:
+        self.store = store
+        self.outbound_limit = outbound_limit
+        self.broker: Broker | None = None
+        self.channels: dict[str, dict[Connection, Subscription]] = {}
+        self.connections: dict[Connection, None] = {}
+        self.counts_changed = asyncio.Event()
+        self.delivered: Counter[str] = Counter()  # per transport kind
+        self.slow_closes = 0
+
+    # connections
+
+    def attach(self, conn: Connection) -> None:
+        self.connections[conn] = None
+
+    def detach(self, conn: Connection) -> None:
+        self.connections.pop(conn, None)
+        for channel in list(conn.subscriptions):
+            self.unsubscribe(conn, channel)
+
+    def connections_of(self, user_id: str) -> list[Connection]:
+        return [c for c in self.connections if c.identity is not None and c.identity.id == user_id]
+
+    def close_all(self, code: int, reason: str) -> None:
+        for conn in list(self.connections):
+            conn.close(code, reason)
+
+    # subscriptions
+
+    async def subscribe(self, conn: Connection, channel: str, after: int | None) -> tuple[Subscription, Resume]:
+        """Register first (live events buffer), then read where the channel stands.
+
+        after=None: start at the channel's current end. Otherwise resume after that
+        offset if history still reaches back, else start at the end, not recovered.
+        """
+        sub = Subscription(conn, channel)
+        self.channels.setdefault(channel, {})[conn] = sub
+        conn.subscriptions[channel] = sub
+        self.counts_changed.set()
+        try:
+            if self.broker is not None:
+                await self.broker.serve(channel)
+            state = await self.store.state(channel)
+        except BaseException:
+            self.unsubscribe(conn, channel)
+            raise
+        last = state.last_offset
+        if after is None or after == last:
+            sub.last_sent = last
+            return sub, Resume(last, True)
+        reaches_back = after < last and state.first_kept is not None and state.first_kept <= after + 1
+        sub.last_sent = after if reaches_back else last
+        return sub, Resume(last, reaches_back)
+
+    async def replay(self, sub: Subscription) -> None:
+        """Send history after sub.last_sent through the connection's paced path, then go live."""
+        while sub.pending is not None:
+            events = await self.store.history(sub.channel, sub.last_sent, REPLAY_PAGE)
+            if not events:
+                self.go_live(sub)
+                return
+            for event in events:
+                if sub.conn.closed or sub.conn.subscriptions.get(sub.channel) is not sub:
+                    return
+                await sub.conn.send_replayed(sub, event)
+                sub.last_sent = event.offset
+
+    def go_live(self, sub: Subscription) -> None:
+        pending, sub.pending = sub.pending or [], None
+        for event in pending:
+            if event.offset > sub.last_sent and not sub.conn.closed:
+                sub.conn.deliver(sub, event)
+                self.delivered[sub.conn.kind] += 1
+
+    def unsubscribe(self, conn: Connection, channel: str) -> None:
+        sub = conn.subscriptions.pop(channel, None)
+        subscribers = self.channels.get(channel)
+        if sub is None or subscribers is None:
+            return
+        subscribers.pop(conn, None)
+        if not subscribers:
+            del self.channels[channel]
+            if self.broker is not None:
+                self.broker.release(channel)
+        self.counts_changed.set()
+
+    def served_channels(self) -> Iterable[str]:
+        return self.channels.keys()
+
+    def counts(self) -> dict[str, int]:
+        return {channel: len(subs) for channel, subs in self.channels.items()}
+
+    # fan-out
+
+    def dispatch(self, event: StoredEvent) -> None:
+        """Called by the broker for each event, in offset order per channel, exactly once."""
+        subscribers = self.channels.get(event.channel)
+        if not subscribers:
+            return
+        encoded = EncodedEvent.of(event)
+        delivered = self.delivered
+        for sub in list(subscribers.values()):
+            if sub.pending is not None:
+                sub.pending.append(encoded)
+                sub.pending_bytes += len(encoded.ws_frame)
+                if sub.pending_bytes > self.outbound_limit:
+                    self.close_slow(sub.conn)
+            elif encoded.offset > sub.last_sent and not sub.conn.closed:
+                sub.conn.deliver(sub, encoded)
+                delivered[sub.conn.kind] += 1
+
+    def close_slow(self, conn: Connection) -> None:
+        if conn.closed:
+            return
+        self.slow_closes += 1
+        log.warning("closing a slow consumer", extra={"connection": conn.id, "transport": conn.kind})
+        self.detach(conn)
+        conn.close_slow()

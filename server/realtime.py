@@ -1,0 +1,80 @@
+"""The real-time engine of one process: store, hub, broker, presence and their jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import aiojobs
+from aiohttp import web
+
+from server.broker import Broker
+from server.connections import SseConnection
+from server.db import DATABASE_DOWN_ERRORS
+from server.events import EventStore
+from server.hub import Hub
+from server.keys import broker_key, hub_key, pool_key, presence_key, settings_key, store_key, users_key
+from server.presence import Presence
+
+log = logging.getLogger("herald.realtime")
+
+
+async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[settings_key]
+    store = app[store_key] = EventStore(app[pool_key], settings.events)
+    hub = app[hub_key] = Hub(store, settings.realtime.outbound_buffer)
+    presence = app[presence_key] = Presence(app[pool_key], hub)
+
+    async def on_user_change(user_id: str) -> None:
+        users = app[users_key]
+        users.forget(user_id)
+        if await users.active_user(user_id) is None:
+            for conn in hub.connections_of(user_id):
+                conn.close(4403, "user removed or disabled")
+
+    broker = app[broker_key] = Broker(settings.database.url, store, hub.dispatch, on_user_change)
+    hub.broker = broker
+    scheduler = aiojobs.Scheduler(close_timeout=2)
+    for job in (
+        broker.listen(),
+        broker.process(),
+        presence.report_forever(),
+        prune_forever(store, settings.events.prune_interval),
+        ping_sse_forever(hub, settings.realtime.sse_ping),
+    ):
+        await scheduler.spawn(job)
+    if not await broker.wait_connected(timeout=10):
+        log.warning("serving before the event listener connected; /readyz says 503 until it does")
+    try:
+        yield
+    finally:
+        await scheduler.close()
+        try:
+            await asyncio.wait_for(presence.withdraw(), timeout=2)
+        except (*DATABASE_DOWN_ERRORS, TimeoutError):
+            pass
+
+
+async def close_connections(app: web.Application) -> None:
+    """on_shutdown: WebSockets get 1001, SSE streams end, so draining never waits on them."""
+    app[hub_key].close_all(1001, "server shutting down")
+
+
+async def prune_forever(store: EventStore, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            pruned = await store.prune()
+            if pruned:
+                log.info("pruned %d events", pruned)
+        except DATABASE_DOWN_ERRORS as exc:
+            log.warning("pruning skipped: %s", type(exc).__name__)
+
+
+async def ping_sse_forever(hub: Hub, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        for conn in list(hub.connections):
+            if isinstance(conn, SseConnection) and not conn.closed:
+                conn.ping()
