@@ -96,7 +96,7 @@ def main(argv: list[str]) -> int:
     from server.supervisor import serve
 
     try:
-        return serve(settings)
+        return serve(settings, reload=lambda: settings_from(args))
     except ApiError as exc:  # the bootstrap admin's name or password is refused
         print(f"herald: HERALD_ADMIN_USERNAME/HERALD_ADMIN_PASSWORD: {exc.detail}", file=sys.stderr)
         return 2

@@ -7,7 +7,9 @@ from aiohttp_session import get_session, new_session
 
 from handlers.http import json_response, read_json_object, require_identity
 from server.errors import Unauthorized, ValidationError
-from server.keys import sessions_key, settings_key, tokens_key, users_key
+from server.keys import limiter_key, sessions_key, settings_key, tokens_key, users_key
+from server.limiter import refusal
+from server.net import client_ip
 
 
 async def login(request: web.Request) -> web.Response:
@@ -16,6 +18,7 @@ async def login(request: web.Request) -> web.Response:
     for name, value in (("username", username), ("password", password)):
         if not isinstance(value, str):
             raise ValidationError.field(name, "is required and must be a string")
+    check_login_rate(request, username)
     user = await request.app[users_key].authenticate(username, password)
     if user is None:
         raise Unauthorized("Invalid username or password")
@@ -31,6 +34,17 @@ async def login(request: web.Request) -> web.Response:
             "user": {k: public[k] for k in ("id", "username", "roles")},
         }
     )
+
+
+def check_login_rate(request: web.Request, username: str) -> None:
+    """Login's own buckets, per client IP and per username: login_rate per minute each."""
+    settings = request.app[settings_key]
+    rate = settings.limits.login_rate
+    ip = client_ip(request, settings.server.trusted_proxies)
+    for key in (f"login-ip:{ip}", f"login-user:{username.lower()}"):
+        decision = request.app[limiter_key].take(key, rate / 60, rate)
+        if not decision.allowed:
+            raise refusal(decision, "Too many login attempts")
 
 
 async def logout(request: web.Request) -> web.Response:

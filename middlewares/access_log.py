@@ -1,4 +1,4 @@
-"""One JSON line per request, with any token in the query string redacted."""
+"""One JSON line per request (tokens in query strings redacted), and the request metrics."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import logging
 import time
 
 from aiohttp import web
+
+from server.keys import metrics_key
 
 log = logging.getLogger("herald.access")
 
@@ -47,14 +49,20 @@ async def access_log_middleware(request: web.Request, handler):
         response = await handler(request)
         return response
     finally:
+        duration = time.perf_counter() - start
+        status = response.status if response is not None else 499
+        route = route_name(request)
+        metrics = request.app.get(metrics_key)
+        if metrics is not None:
+            metrics.observe_request(request.method, route, status, duration)
         log.info(
             "request",
             extra={
                 "method": request.method,
                 "path": redacted_path(request),
-                "route": route_name(request),
-                "status": response.status if response is not None else 499,
-                "duration_ms": round((time.perf_counter() - start) * 1000, 3),
+                "route": route,
+                "status": status,
+                "duration_ms": round(duration * 1000, 3),
                 "bytes": response_bytes(response),
                 "remote": request.remote,
             },

@@ -8,17 +8,19 @@ upgrades must come from a trusted Origin (CSRF and cross-site WebSocket hijackin
 from __future__ import annotations
 
 import hashlib
+import hmac
 
 from aiohttp import web
 from aiohttp_session import get_session, session_middleware
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 
-from server.auth import Identity, InvalidToken
+from server.auth import Identity
 from server.errors import Forbidden, Unauthorized
-from server.keys import identity_key, sessions_key, settings_key, tokens_key, users_key
+from server.keys import identity_key, metrics_token_key, sessions_key, settings_key, tokens_key, users_key
 from server.net import is_tls
 from server.secrets import load_or_create_secret
 from server.settings import AuthSettings
+from server.users import identity_for_token
 
 SESSION_COOKIE = "herald_session"
 QUERY_TOKEN_PATHS = frozenset({"/ws", "/sse"})
@@ -45,8 +47,18 @@ async def auth_middleware(request: web.Request, handler):
     return await handler(request)
 
 
+def is_metrics_token(request: web.Request, header: str) -> bool:
+    """/metrics also accepts metrics.token, which is not a JWT."""
+    token = request.app[settings_key].metrics.token
+    expected = f"Bearer {token}".encode()
+    return request.path == "/metrics" and bool(token) and hmac.compare_digest(header.encode(errors="replace"), expected)
+
+
 async def identify(request: web.Request) -> Identity | None:
     header = request.headers.get("Authorization")
+    if header is not None and is_metrics_token(request, header):
+        request[metrics_token_key] = True
+        return None
     if header is not None:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -63,14 +75,7 @@ async def identify(request: web.Request) -> Identity | None:
 
 
 async def identity_from_token(app: web.Application, token: str, via: str) -> Identity:
-    try:
-        claims = app[tokens_key].verify(token)
-    except InvalidToken:
-        raise Unauthorized("The token is invalid or expired") from None
-    user = await app[users_key].active_user(claims["sub"])
-    if user is None:
-        raise Unauthorized("The token's user no longer exists or is disabled")
-    return Identity(str(user.id), user.username, frozenset(user.roles), via=via, expires=float(claims["exp"]))
+    return await identity_for_token(app[tokens_key], app[users_key], token, via)
 
 
 async def identity_from_session(request: web.Request) -> Identity | None:

@@ -7,15 +7,18 @@ from collections.abc import AsyncIterator
 import aiohttp_cors
 from aiohttp import web
 
-from handlers import auth, channels, events, health, sse, users, ws
+from handlers import auth, channels, events, health, metrics, sse, users, ws
 from middlewares.access_log import access_log_middleware
 from middlewares.auth import auth_middleware, herald_session_middleware
 from middlewares.errors import errors_middleware
+from middlewares.limiter import add_ratelimit_headers, limiter_middleware
 from middlewares.request_id import request_id_middleware, set_request_id_header
 from middlewares.security import security_headers
 from server import db
 from server.auth import TokenService
-from server.keys import pool_key, rules_key, sessions_key, settings_key, tokens_key, users_key
+from server.keys import limiter_key, metrics_key, pool_key, rules_key, sessions_key, settings_key, tokens_key, users_key
+from server.limiter import RateLimiter
+from server.metrics import Metrics
 from server.permissions import compile_rules
 from server.realtime import close_connections, realtime_ctx
 from server.sessions import SessionStore
@@ -25,7 +28,8 @@ from server.users import UserStore
 EXPOSED_HEADERS = ("X-Request-Id", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "Retry-After")
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, *, limiter: RateLimiter | None = None) -> web.Application:
+    """One worker's app. `limiter` is the supervisor's, shared by all workers; tests get their own."""
     app = web.Application(
         client_max_size=settings.limits.body_bytes,
         middlewares=[
@@ -34,11 +38,14 @@ def create_app(settings: Settings) -> web.Application:
             errors_middleware,
             herald_session_middleware(settings.auth),
             auth_middleware,
+            limiter_middleware,
         ],
     )
     app[settings_key] = settings
     app[tokens_key] = TokenService(settings.auth)
     app[rules_key] = compile_rules(settings.channels)
+    app[limiter_key] = limiter or RateLimiter()
+    app[metrics_key] = Metrics()
 
     app.cleanup_ctx.append(db.pool_ctx)
     app.cleanup_ctx.append(stores_ctx)
@@ -47,6 +54,7 @@ def create_app(settings: Settings) -> web.Application:
 
     app.on_response_prepare.append(set_request_id_header)
     app.on_response_prepare.append(security_headers(settings.server.trusted_proxies))
+    app.on_response_prepare.append(add_ratelimit_headers)
 
     add_routes(app)
     enable_cors(app, settings)
@@ -64,6 +72,7 @@ def add_routes(app: web.Application) -> None:
     router = app.router
     router.add_get("/healthz", health.healthz)
     router.add_get("/readyz", health.readyz)
+    router.add_get("/metrics", metrics.metrics)
     router.add_post("/api/auth/login", auth.login)
     router.add_post("/api/auth/logout", auth.logout)
     router.add_get("/api/me", auth.me)

@@ -48,9 +48,9 @@ class Broker:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    async def wait_connected(self, timeout: float) -> bool:
+    async def wait_connected(self, deadline: float) -> bool:
         try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
+            await asyncio.wait_for(self._connected.wait(), deadline)
         except TimeoutError:
             return False
         return True
@@ -127,7 +127,7 @@ class Broker:
 
     # internals
 
-    def _on_notify(self, _conn, channel: str, _pid: int, payload: str) -> None:
+    def _on_notify(self, _conn, _pid: int, channel: str, payload: str) -> None:
         self._queue.put_nowait(("user", payload) if channel == USER_CHANGES_CHANNEL else ("event", payload))
 
     async def _handle(self, item: tuple) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,9 +81,12 @@ def validate_idempotency_key(key: str | None) -> str | None:
 
 
 class EventStore:
-    def __init__(self, pool: asyncpg.Pool, settings: EventsSettings) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, settings: EventsSettings, on_published: Callable[[], None] = lambda: None
+    ) -> None:
         self.pool = pool
         self.settings = settings
+        self.on_published = on_published
 
     async def publish(
         self, channel: str, event_type: str, data: str, idempotency_key: str | None = None
@@ -94,6 +98,7 @@ class EventStore:
         """
         if idempotency_key is None:
             row = await self.pool.fetchrow(PUBLISH_SQL, channel, event_type, data)
+            self.on_published()
             return StoredEvent(channel, row["offset"], row["json"]), True
         fingerprint = hashlib.sha256(f"{event_type}\n{data}".encode()).digest()
         async with self.pool.acquire() as conn, conn.transaction():
@@ -125,7 +130,8 @@ class EventStore:
                 fingerprint,
                 row["offset"],
             )
-            return StoredEvent(channel, row["offset"], row["json"]), True
+        self.on_published()
+        return StoredEvent(channel, row["offset"], row["json"]), True
 
     async def _event(self, conn: asyncpg.Connection, channel: str, offset: int) -> StoredEvent | None:
         row = await conn.fetchrow(f'{SELECT_EVENTS_SQL} WHERE e.channel = $1 AND e."offset" = $2', channel, offset)

@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from server.broker import Broker
     from server.events import EventStore
     from server.hub import Hub
+    from server.limiter import Decision, RateLimiter
+    from server.metrics import Metrics
     from server.permissions import CompiledRule
     from server.presence import Presence
     from server.sessions import SessionStore
@@ -28,7 +30,11 @@ store_key: web.AppKey[EventStore] = web.AppKey("store_key")
 hub_key: web.AppKey[Hub] = web.AppKey("hub_key")
 broker_key: web.AppKey[Broker] = web.AppKey("broker_key")
 presence_key: web.AppKey[Presence] = web.AppKey("presence_key")
+limiter_key: web.AppKey[RateLimiter] = web.AppKey("limiter_key")
+metrics_key: web.AppKey[Metrics] = web.AppKey("metrics_key")
 
 # Per-request state, set by the middlewares.
 request_id_key = web.RequestKey("request_id_key", str)
 identity_key = web.RequestKey("identity_key", object)  # server.auth.Identity | None
+ratelimit_key: web.RequestKey[Decision] = web.RequestKey("ratelimit_key")
+metrics_token_key = web.RequestKey("metrics_token_key", bool)  # the caller showed metrics.token

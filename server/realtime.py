@@ -14,7 +14,7 @@ from server.connections import SseConnection
 from server.db import DATABASE_DOWN_ERRORS
 from server.events import EventStore
 from server.hub import Hub
-from server.keys import broker_key, hub_key, pool_key, presence_key, settings_key, store_key, users_key
+from server.keys import broker_key, hub_key, metrics_key, pool_key, presence_key, settings_key, store_key, users_key
 from server.presence import Presence
 
 log = logging.getLogger("herald.realtime")
@@ -22,7 +22,8 @@ log = logging.getLogger("herald.realtime")
 
 async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[settings_key]
-    store = app[store_key] = EventStore(app[pool_key], settings.events)
+    metrics = app[metrics_key]
+    store = app[store_key] = EventStore(app[pool_key], settings.events, on_published=metrics.published.inc)
     hub = app[hub_key] = Hub(store, settings.realtime.outbound_buffer)
     presence = app[presence_key] = Presence(app[pool_key], hub)
 
@@ -42,9 +43,10 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
         presence.report_forever(),
         prune_forever(store, settings.events.prune_interval),
         ping_sse_forever(hub, settings.realtime.sse_ping),
+        metrics.sync_forever(hub),
     ):
         await scheduler.spawn(job)
-    if not await broker.wait_connected(timeout=10):
+    if not await broker.wait_connected(deadline=10):
         log.warning("serving before the event listener connected; /readyz says 503 until it does")
     try:
         yield

@@ -6,19 +6,32 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
+import signal
 import socket
+import tempfile
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import asyncpg
 
-from server import db
+from server import db, logs
 from server.embedded_pg import EmbeddedPostgres, mask_url
+from server.limiter import RateLimiter
+from server.metrics import enable_multiprocess, forget_process
+from server.secrets import load_or_create_secret
 from server.settings import Settings
 from server.users import UserStore, validate_new_user
 from server.worker import run_worker
 
 T = TypeVar("T")
+
+EARLY_DEATH = 5.0  # a worker dying sooner than this after start counts towards the backoff
+BACKOFF_FIRST, BACKOFF_MAX = 0.2, 10.0
+READY_TIMEOUT = 60.0
+STOP_GRACE = 5.0
 
 log = logging.getLogger("herald.supervisor")
 
@@ -71,19 +84,190 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(settings: Settings) -> int:
-    with database(settings) as (settings, description):
+def with_shared_secrets(settings: Settings) -> Settings:
+    """Resolve generated secrets once, so every worker signs and decrypts with the same keys."""
+    auth = settings.auth
+    return settings.replace(
+        "auth",
+        jwt_secret=auth.jwt_secret or load_or_create_secret(auth.secrets_dir, "jwt_secret"),
+        session_secret=auth.session_secret or load_or_create_secret(auth.secrets_dir, "session_secret"),
+    )
+
+
+def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
+    with database(settings) as (settings, description), tempfile.TemporaryDirectory(prefix="herald-metrics-") as tmp:
         asyncio.run(with_user_store(settings, lambda users: bootstrap_admin(users, os.environ)))
+        settings = with_shared_secrets(settings)
         sock = bind_socket(settings.server.host, settings.server.port)
         host, port = sock.getsockname()[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+        count = settings.server.worker_count
         log.info(
             "Herald listening on %s with %d worker(s), database: %s",
             url,
-            1,
+            count,
             description,
-            extra={"url": url, "workers": 1, "database": description},
+            extra={"url": url, "workers": count, "database": description},
         )
-        run_worker(settings, sock)
+        enable_multiprocess(tmp)
+        fixed = settings
+
+        def reloaded() -> Settings:
+            """SIGHUP: settings read again; the socket, database and secrets stay as they are."""
+            fresh = reload() if reload else fixed
+            return with_shared_secrets(
+                replace(fresh, server=replace(fresh.server, host=fixed.server.host, port=fixed.server.port))
+            ).replace("database", url=fixed.database.url)
+
+        Supervisor(settings, sock, count, RateLimiter(), reloaded).run()
     log.info("stopped")
     return 0
+
+
+@dataclass
+class Worker:
+    pid: int
+    slot: int
+    ready_fd: int
+    started: float
+    retiring: bool = False
+
+
+class Supervisor:
+    """Forks the workers, replaces the ones that die, drains on SIGTERM, rolls them on SIGHUP."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+
+    def __init__(
+        self, settings: Settings, sock: socket.socket, count: int, limiter: RateLimiter, reload: Callable[[], Settings]
+    ) -> None:
+        self.settings = settings
+        self.sock = sock
+        self.count = count
+        self.limiter = limiter
+        self.reload = reload
+        self.workers: dict[int, Worker] = {}
+        self.failures = 0  # consecutive early deaths, for the restart backoff
+        self.restart_at: dict[int, float] = {}  # slot -> when to start its replacement
+
+    def run(self) -> int:
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        for slot in range(self.count):
+            self.spawn(slot)
+        try:
+            return self.supervise()
+        except BaseException:
+            log.exception("supervisor failed; stopping the workers")
+            self.stop()
+            raise
+
+    def supervise(self) -> int:
+        while True:
+            info = signal.sigtimedwait(self.SIGNALS, 0.2)
+            self.reap()
+            if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                return self.stop()
+            if info is not None and info.si_signo == signal.SIGHUP:
+                self.roll()
+            self.restart_due()
+
+    def spawn(self, slot: int) -> Worker:
+        ready_read, ready_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                os.close(ready_read)
+                signal.pthread_sigmask(signal.SIG_SETMASK, set())
+                for sig in self.SIGNALS:
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the supervisor's business
+                logs.worker_id = str(slot)
+                run_worker(self.settings, self.sock, limiter=self.limiter, on_ready=lambda: os.write(ready_write, b"1"))
+                code = 0
+            except BaseException:
+                log.exception("worker failed")
+            finally:
+                os._exit(code)  # never run the supervisor's atexit hooks (the embedded database's)
+        os.close(ready_write)
+        worker = Worker(pid, slot, ready_read, time.monotonic())
+        self.workers[pid] = worker
+        return worker
+
+    def reap(self) -> None:
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            os.close(worker.ready_fd)
+            forget_process(pid)
+            if worker.retiring:
+                continue
+            lived = time.monotonic() - worker.started
+            self.failures = self.failures + 1 if lived < EARLY_DEATH else 0
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures - 1)) if self.failures else 0.0
+            log.warning(
+                "worker %d (pid %d) exited with status %d; replacing it in %.1fs",
+                worker.slot,
+                pid,
+                os.waitstatus_to_exitcode(status),
+                delay,
+            )
+            self.restart_at[worker.slot] = time.monotonic() + delay
+
+    def restart_due(self) -> None:
+        now = time.monotonic()
+        for slot, when in list(self.restart_at.items()):
+            if when <= now:
+                del self.restart_at[slot]
+                self.spawn(slot)
+
+    def roll(self) -> None:
+        """Replace each worker by a fresh one, starting the new before stopping the old."""
+        try:
+            self.settings = self.reload()
+        except Exception as exc:  # a bad settings file must not take the server down
+            log.error("SIGHUP: settings not reloaded: %s", exc)
+        log.info("SIGHUP: replacing workers one by one")
+        for old in [w for w in self.workers.values() if not w.retiring]:
+            new = self.spawn(old.slot)
+            if wait_ready(new.ready_fd, READY_TIMEOUT):
+                retire(old, signal.SIGTERM)
+            else:
+                log.error("SIGHUP: a new worker did not start; keeping the old one")
+                retire(new, signal.SIGKILL)
+            self.reap()
+
+    def stop(self) -> int:
+        log.info("draining %d worker(s)", len(self.workers))
+        for worker in self.workers.values():
+            retire(worker, signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.server.shutdown_timeout + STOP_GRACE
+        while self.workers and time.monotonic() < deadline:
+            signal.sigtimedwait([signal.SIGCHLD], 0.1)
+            self.reap()
+        for worker in self.workers.values():
+            log.error("worker pid %d did not drain in time; killing it", worker.pid)
+            retire(worker, signal.SIGKILL)
+        while self.workers:
+            signal.sigtimedwait([signal.SIGCHLD], 0.1)
+            self.reap()
+        self.sock.close()
+        return 0
+
+
+def retire(worker: Worker, sig: int) -> None:
+    worker.retiring = True
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(worker.pid, sig)
+
+
+def wait_ready(fd: int, timeout: float) -> bool:
+    readable, _, _ = select.select([fd], [], [], timeout)
+    return bool(readable) and os.read(fd, 1) == b"1"

@@ -6,10 +6,13 @@ import asyncio
 import logging
 import signal
 import socket
+import warnings
+from collections.abc import Callable
 
 from aiohttp import web
 
 from server.app import create_app
+from server.limiter import RateLimiter
 from server.settings import Settings
 
 log = logging.getLogger("herald.worker")
@@ -24,7 +27,9 @@ def install_uvloop() -> bool:
     return True
 
 
-async def serve_app(app: web.Application, sock: socket.socket, shutdown_timeout: float) -> None:
+async def serve_app(
+    app: web.Application, sock: socket.socket, shutdown_timeout: float, on_ready: Callable[[], object] = lambda: None
+) -> None:
     """Serve until SIGTERM/SIGINT, then drain: stop accepting, on_shutdown, finish in-flight."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
     await runner.setup()
@@ -34,12 +39,20 @@ async def serve_app(app: web.Application, sock: socket.socket, shutdown_timeout:
         loop.add_signal_handler(sig, stop.set)
     try:
         await web.SockSite(runner, sock).start()
+        on_ready()
         await stop.wait()
         log.info("draining")
     finally:
         await runner.cleanup()
 
 
-def run_worker(settings: Settings, sock: socket.socket) -> None:
+def run_worker(
+    settings: Settings,
+    sock: socket.socket,
+    limiter: RateLimiter | None = None,
+    on_ready: Callable[[], object] = lambda: None,
+) -> None:
     install_uvloop()
-    asyncio.run(serve_app(create_app(settings), sock, settings.server.shutdown_timeout))
+    warnings.filterwarnings("ignore", category=web.NotAppKeyWarning, module="aiohttp_session")
+    app = create_app(settings, limiter=limiter)
+    asyncio.run(serve_app(app, sock, settings.server.shutdown_timeout, on_ready))

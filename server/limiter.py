@@ -1,0 +1,93 @@
+"""Token buckets shared by every worker process of the server.
+
+The buckets live in one anonymous shared memory map created before the workers are
+forked, so a key's limit holds for the whole server, not per process. Each slot is
+(key hash, tokens, last refill time); keys hash into a small neighbourhood of slots,
+and a full neighbourhood reuses its stalest slot: a bucket idle long enough to refill
+completely is the same as no bucket, so nothing a client is owed is ever lost there.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import mmap
+import multiprocessing
+import struct
+import time
+from dataclasses import dataclass
+
+from server.errors import RateLimited
+
+SLOT = struct.Struct("=qdd")  # key hash, tokens, last refill (monotonic seconds)
+PROBES = 8
+LOCK_STRIPES = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    limit: int  # the burst: what RateLimit-Limit shows
+    remaining: int
+    reset: int  # whole seconds until the bucket is full again (at least 1)
+    retry_after: int  # whole seconds until one request is allowed (at least 1)
+
+
+@functools.lru_cache(maxsize=65536)
+def key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little", signed=True) or 1
+
+
+class RateLimiter:
+    """Create before forking; every process then shares the same buckets."""
+
+    def __init__(self, blocks: int = 8192) -> None:
+        self.blocks = blocks
+        self._memory = mmap.mmap(-1, blocks * PROBES * SLOT.size)  # MAP_SHARED | MAP_ANONYMOUS: survives fork
+        context = multiprocessing.get_context("fork")
+        self._locks = [context.Lock() for _ in range(LOCK_STRIPES)]
+
+    def take(self, key: str, rate: float, burst: int, now: float | None = None) -> Decision:
+        """Take one token from key's bucket (refilling at rate tokens/s, holding at most burst)."""
+        now = time.monotonic() if now is None else now
+        h = key_hash(key)
+        block = h % self.blocks
+        with self._locks[block % LOCK_STRIPES]:
+            offset, found = self._slot(h, block)
+            if found:
+                _, tokens, last = SLOT.unpack_from(self._memory, offset)
+                tokens = min(float(burst), tokens + max(0.0, now - last) * rate)
+            else:
+                tokens = float(burst)
+            allowed = tokens >= 1.0
+            if allowed:
+                tokens -= 1.0
+            SLOT.pack_into(self._memory, offset, h, tokens, now)
+        return decision(allowed, tokens, rate, burst)
+
+    def _slot(self, h: int, block: int) -> tuple[int, bool]:
+        """h's slot in its block, or the free or stalest slot to take over."""
+        base = block * PROBES * SLOT.size
+        reuse, reuse_time = base, math.inf
+        for probe in range(PROBES):
+            offset = base + probe * SLOT.size
+            stored, _, last = SLOT.unpack_from(self._memory, offset)
+            if stored == h:
+                return offset, True
+            if stored == 0:
+                return offset, False
+            if last < reuse_time:
+                reuse, reuse_time = offset, last
+        return reuse, False
+
+
+def decision(allowed: bool, tokens: float, rate: float, burst: int) -> Decision:
+    missing = burst - tokens
+    reset = math.ceil(missing / rate) if rate > 0 and missing > 0 else 1
+    retry_after = 1 if allowed or rate <= 0 else math.ceil((1.0 - tokens) / rate)
+    return Decision(allowed, burst, int(tokens), max(1, reset), max(1, retry_after))
+
+
+def refusal(decision: Decision, what: str = "Too many requests") -> RateLimited:
+    return RateLimited(f"{what}; retry in {decision.retry_after} s", headers={"Retry-After": str(decision.retry_after)})
