@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp_cors
 from aiohttp import web
 
-from handlers import auth, channels, events, health, metrics, sse, users, ws
+from handlers import auth, channels, events, health, metrics, sse, static, users, ws
 from middlewares.access_log import access_log_middleware
 from middlewares.auth import auth_middleware, herald_session_middleware
 from middlewares.errors import errors_middleware
@@ -16,13 +17,24 @@ from middlewares.request_id import request_id_middleware, set_request_id_header
 from middlewares.security import security_headers
 from server import db
 from server.auth import TokenService
-from server.keys import limiter_key, metrics_key, pool_key, rules_key, sessions_key, settings_key, tokens_key, users_key
+from server.keys import (
+    limiter_key,
+    metrics_key,
+    pool_key,
+    rules_key,
+    sessions_key,
+    settings_key,
+    static_key,
+    tokens_key,
+    users_key,
+)
 from server.limiter import RateLimiter
 from server.metrics import Metrics
 from server.permissions import compile_rules
 from server.realtime import close_connections, realtime_ctx
 from server.sessions import SessionStore
 from server.settings import Settings
+from server.static import build_static
 from server.users import UserStore
 
 EXPOSED_HEADERS = ("X-Request-Id", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "Retry-After")
@@ -46,6 +58,7 @@ def create_app(settings: Settings, *, limiter: RateLimiter | None = None) -> web
     app[rules_key] = compile_rules(settings.channels)
     app[limiter_key] = limiter or RateLimiter()
     app[metrics_key] = Metrics()
+    app[static_key] = build_static(Path(settings.server.static_dir), Path(settings.server.static_build_dir))
 
     app.cleanup_ctx.append(db.pool_ctx)
     app.cleanup_ctx.append(stores_ctx)
@@ -85,6 +98,8 @@ def add_routes(app: web.Application) -> None:
     router.add_get("/api/channels/{channel}/events", events.history)
     router.add_get("/ws", ws.websocket)
     router.add_get("/sse", sse.sse)
+    router.add_get("/", static.index)
+    router.add_get("/static/{name}", static.asset)
 
 
 def enable_cors(app: web.Application, settings: Settings) -> None:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from server.presence import Presence
     from server.sessions import SessionStore
     from server.settings import Settings
+    from server.static import StaticFiles
     from server.users import UserStore
 
 settings_key: web.AppKey[Settings] = web.AppKey("settings_key")
@@ -32,6 +33,7 @@ broker_key: web.AppKey[Broker] = web.AppKey("broker_key")
 presence_key: web.AppKey[Presence] = web.AppKey("presence_key")
 limiter_key: web.AppKey[RateLimiter] = web.AppKey("limiter_key")
 metrics_key: web.AppKey[Metrics] = web.AppKey("metrics_key")
+static_key: web.AppKey[StaticFiles] = web.AppKey("static_key")
 
 # Per-request state, set by the middlewares.
 request_id_key = web.RequestKey("request_id_key", str)

@@ -48,6 +48,8 @@ class ServerSettings:
     workers: int | str = "auto"
     shutdown_timeout: float = 10.0
     trusted_proxies: tuple[str, ...] = ()
+    static_dir: str = "static"
+    static_build_dir: str = "var/static"
 
     @property
     def worker_count(self) -> int:

@@ -121,6 +121,7 @@ def make_settings(database_url: str, tmp_path) -> Callable[..., Settings]:
     """Settings for a test app: the test database, fast bcrypt, secrets in a temp dir."""
     base = {
         "database": {"url": database_url, "pool_size": 4},
+        "server": {"static_build_dir": str(tmp_path / "static-build")},
         "auth": {"bcrypt_rounds": 4, "secrets_dir": str(tmp_path / "secrets")},
         "events": {"prune_interval": 1},
         # Generous limits: tests of the limits themselves set their own.
