@@ -150,6 +150,11 @@ class SseConnection(Connection):
         self.positions[self._index[channel]] = offset
 
     def deliver(self, sub: Subscription, event: EncodedEvent) -> None:
+        if self.transport.is_closing():
+            # The client left: every write is a disconnect probe, not only the ping (and
+            # asyncio logs a warning for each write to a lost connection).
+            self.close(1000, "client left")
+            return
         self.positions[self._index[event.channel]] = event.offset
         if len(self.positions) == 1 and self.chunked:
             data = event.single_channel_sse_chunk()
