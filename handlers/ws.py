@@ -13,13 +13,16 @@ from server.connections import WebSocketConnection
 from server.db import DATABASE_DOWN_ERRORS
 from server.errors import ApiError, BadRequest, Conflict, Forbidden, ValidationError
 from server.events import validate_event
-from server.keys import hub_key, rules_key, settings_key, store_key, tokens_key, users_key
+from server.keys import hub_key, limiter_key, rules_key, settings_key, store_key, tokens_key, users_key
+from server.limiter import bucket_key, refusal
+from server.net import client_ip
 from server.permissions import check_permission
 from server.users import identity_for_token
 
 log = logging.getLogger("herald.ws")
 
 SCALARS = (str, int, float, bool, type(None))
+MAX_REFUSED_IN_A_ROW = 10  # publishes refused by the rate limit before the connection is closed (4429)
 
 
 def frame(message: dict[str, Any]) -> bytes:
@@ -68,6 +71,8 @@ class Session:
     def __init__(self, request: web.Request, conn: WebSocketConnection) -> None:
         self.app = request.app
         self.conn = conn
+        self.ip = client_ip(request, self.app[settings_key].server.trusted_proxies)
+        self.refused_in_a_row = 0
 
     async def handle(self, text: str) -> None:
         message_id = None
@@ -131,9 +136,22 @@ class Session:
         self.app[hub_key].unsubscribe(self.conn, channel)
         await self.reply(message_id, channel=channel)
 
+    def check_rate(self) -> None:
+        """WebSocket publishes draw on the same bucket as the caller's REST requests."""
+        limits = self.app[settings_key].limits
+        decision = self.app[limiter_key].take_request(limits, bucket_key(self.conn.identity, self.ip))
+        if decision is None or decision.allowed:
+            self.refused_in_a_row = 0
+            return
+        self.refused_in_a_row += 1
+        if self.refused_in_a_row > MAX_REFUSED_IN_A_ROW:
+            self.conn.close(4429, "rate limited")
+        raise refusal(decision, "Too many publishes")
+
     async def op_publish(self, message: dict[str, Any], message_id: Any) -> None:
         channel = message.get("channel")
         check_permission(self.conn.identity, "publish", channel, self.app[rules_key])
+        self.check_rate()
         event_type, data = validate_event({k: v for k, v in message.items() if k in ("type", "data")})
         event, _ = await self.app[store_key].publish(channel, event_type, data)
         await self.conn.send_json(

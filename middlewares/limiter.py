@@ -5,9 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from server.keys import identity_key, limiter_key, ratelimit_key, settings_key
-from server.limiter import Decision, RateLimiter, refusal
+from server.limiter import bucket_key, refusal
 from server.net import client_ip
-from server.settings import Settings
 
 REALTIME_PATHS = frozenset({"/ws", "/sse"})
 
@@ -18,25 +17,15 @@ def is_limited(request: web.Request) -> bool:
     return request.path.startswith("/api/") or request.path in REALTIME_PATHS
 
 
-def bucket_key(request: web.Request) -> str:
-    identity = request[identity_key]
-    if identity is not None:
-        return f"user:{identity.id}"  # type: ignore[attr-defined]
-    return f"ip:{client_ip(request, request.app[settings_key].server.trusted_proxies)}"
-
-
-def take(limiter: RateLimiter, settings: Settings, key: str) -> Decision | None:
-    """One request's worth from the general bucket; None when limiting is off (rate = 0)."""
-    limits = settings.limits
-    if limits.rate <= 0:
-        return None
-    return limiter.take(key, limits.rate, limits.burst)
+def request_bucket(request: web.Request) -> str:
+    ip = client_ip(request, request.app[settings_key].server.trusted_proxies)
+    return bucket_key(request[identity_key], ip)  # type: ignore[arg-type]
 
 
 @web.middleware
 async def limiter_middleware(request: web.Request, handler):
     if is_limited(request):
-        decision = take(request.app[limiter_key], request.app[settings_key], bucket_key(request))
+        decision = request.app[limiter_key].take_request(request.app[settings_key].limits, request_bucket(request))
         if decision is not None:
             request[ratelimit_key] = decision
             if not decision.allowed:

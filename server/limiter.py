@@ -14,15 +14,21 @@ import hashlib
 import math
 import mmap
 import multiprocessing
+import os
 import struct
 import time
 from dataclasses import dataclass
 
+from server.auth import Identity
 from server.errors import RateLimited
+from server.settings import LimitsSettings
 
 SLOT = struct.Struct("=qdd")  # key hash, tokens, last refill (monotonic seconds)
 PROBES = 8
 LOCK_STRIPES = 64
+# Secret per server start (drawn before the workers fork, so all share it): nobody can pick
+# keys that land in another key's neighbourhood and push that bucket out to refill it.
+HASH_SALT = os.urandom(16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +42,8 @@ class Decision:
 
 @functools.lru_cache(maxsize=65536)
 def key_hash(key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little", signed=True) or 1
+    digest = hashlib.blake2b(key.encode(), digest_size=8, key=HASH_SALT).digest()
+    return int.from_bytes(digest, "little", signed=True) or 1
 
 
 class RateLimiter:
@@ -50,10 +57,12 @@ class RateLimiter:
 
     def take(self, key: str, rate: float, burst: int, now: float | None = None) -> Decision:
         """Take one token from key's bucket (refilling at rate tokens/s, holding at most burst)."""
-        now = time.monotonic() if now is None else now
         h = key_hash(key)
         block = h % self.blocks
         with self._locks[block % LOCK_STRIPES]:
+            # Read the clock holding the lock: a reading taken before waiting could be older
+            # than the one another process just stored, and would move `last` back (refill twice).
+            now = time.monotonic() if now is None else now
             offset, found = self._slot(h, block)
             if found:
                 _, tokens, last = SLOT.unpack_from(self._memory, offset)
@@ -65,6 +74,12 @@ class RateLimiter:
                 tokens -= 1.0
             SLOT.pack_into(self._memory, offset, h, tokens, now)
         return decision(allowed, tokens, rate, burst)
+
+    def take_request(self, limits: LimitsSettings, key: str) -> Decision | None:
+        """One request's (or WebSocket publish's) token; None when limiting is off (rate = 0)."""
+        if limits.rate <= 0:
+            return None
+        return self.take(key, limits.rate, limits.burst)
 
     def _slot(self, h: int, block: int) -> tuple[int, bool]:
         """h's slot in its block, or the free or stalest slot to take over."""
@@ -87,6 +102,11 @@ def decision(allowed: bool, tokens: float, rate: float, burst: int) -> Decision:
     reset = math.ceil(missing / rate) if rate > 0 and missing > 0 else 1
     retry_after = 1 if allowed or rate <= 0 else math.ceil((1.0 - tokens) / rate)
     return Decision(allowed, burst, int(tokens), max(1, reset), max(1, retry_after))
+
+
+def bucket_key(identity: Identity | None, ip: str) -> str:
+    """Callers are limited per user when authenticated, else per client IP."""
+    return f"user:{identity.id}" if identity is not None else f"ip:{ip}"
 
 
 def refusal(decision: Decision, what: str = "Too many requests") -> RateLimited:

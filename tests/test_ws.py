@@ -860,3 +860,31 @@ async def test_close_connections_sends_1001_to_every_connection(client):
     await close_connections(client.app)
     assert await asyncio.gather(*closing) == [1001, 1001]
     await wait_for(lambda: not client.app[hub_key].connections)
+
+
+# rate limits (PROTOCOL §8, §10 §5)
+
+
+async def test_websocket_publishes_share_the_rest_bucket_and_a_flood_is_closed_4429(
+    aiohttp_client, make_settings, settings
+):
+    client = await aiohttp_client(create_app(make_settings({"limits": {"rate": 0.001, "burst": 4}})))
+    token = await token_for(client, "flooder", roles=("publisher",))
+    ws = await WsClient.connect(client, f"/ws?access_token={token}")  # the connection attempt: 1 token
+    resp = await client.post(
+        "/api/channels/public:flood/events", json={"data": 1}, headers=bearer(token)
+    )  # REST publish: 1 token
+    assert resp.status == 201
+    assert (await ws.request("publish", channel="public:flood", data=2))["op"] == "ok"  # 1 token
+    assert (await ws.request("publish", channel="public:flood", data=3))["op"] == "ok"  # the last one
+    for _ in range(10):
+        reply = await ws.request("publish", channel="public:flood", data="refused")
+        assert (reply["op"], reply["code"]) == ("error", "rate_limited")
+    # The REST bucket is the same one: it is empty too.
+    resp = await client.post("/api/channels/public:flood/events", json={"data": 4}, headers=bearer(token))
+    assert resp.status == 429
+    # The eleventh refusal in a row closes the connection.
+    await ws.send("publish", channel="public:flood", data="refused")
+    assert await ws.closed_with() == 4429
+    history = await (await client.get("/api/channels/public:flood/events")).json()
+    assert [e["data"] for e in history["items"]] == [1, 2, 3]
