@@ -15,9 +15,10 @@ from aiohttp_session import get_session, session_middleware
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 
 from server.auth import Identity
-from server.errors import Forbidden, Unauthorized
-from server.keys import identity_key, metrics_token_key, sessions_key, settings_key, tokens_key, users_key
-from server.net import is_tls
+from server.errors import ApiError, Forbidden, Unauthorized
+from server.keys import identity_key, limiter_key, metrics_token_key, sessions_key, settings_key, tokens_key, users_key
+from server.limiter import bucket_key, refusal
+from server.net import client_ip, is_tls
 from server.secrets import load_or_create_secret
 from server.settings import AuthSettings
 from server.users import identity_for_token
@@ -43,8 +44,21 @@ def herald_session_middleware(settings: AuthSettings):
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
-    request[identity_key] = await identify(request)
+    try:
+        request[identity_key] = await identify(request)
+    except ApiError:
+        charge_failed_attempt(request)
+        raise
     return await handler(request)
+
+
+def charge_failed_attempt(request: web.Request) -> None:
+    """A refused credential still costs its client IP a token: guessing is rate limited too."""
+    settings = request.app[settings_key]
+    ip = client_ip(request, settings.server.trusted_proxies)
+    decision = request.app[limiter_key].take_request(settings.limits, bucket_key(None, ip))
+    if decision is not None and not decision.allowed:
+        raise refusal(decision)
 
 
 def is_metrics_token(request: web.Request, header: str) -> bool:

@@ -120,6 +120,7 @@ class Hub:
                     return
                 await sub.conn.send_replayed(sub, event)
                 sub.last_sent = event.offset
+                self.delivered[sub.conn.kind] += 1
 
     def go_live(self, sub: Subscription) -> None:
         pending, sub.pending = sub.pending or [], None

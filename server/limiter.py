@@ -9,13 +9,15 @@ completely is the same as no bucket, so nothing a client is owed is ever lost th
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import math
 import mmap
-import multiprocessing
 import os
 import struct
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -26,9 +28,6 @@ from server.settings import LimitsSettings
 SLOT = struct.Struct("=qdd")  # key hash, tokens, last refill (monotonic seconds)
 PROBES = 8
 LOCK_STRIPES = 64
-# Secret per server start (drawn before the workers fork, so all share it): nobody can pick
-# keys that land in another key's neighbourhood and push that bucket out to refill it.
-HASH_SALT = os.urandom(16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,26 +39,38 @@ class Decision:
     retry_after: int  # whole seconds until one request is allowed (at least 1)
 
 
-@functools.lru_cache(maxsize=65536)
-def key_hash(key: str) -> int:
-    digest = hashlib.blake2b(key.encode(), digest_size=8, key=HASH_SALT).digest()
-    return int.from_bytes(digest, "little", signed=True) or 1
-
-
 class RateLimiter:
     """Create before forking; every process then shares the same buckets."""
 
     def __init__(self, blocks: int = 8192) -> None:
         self.blocks = blocks
         self._memory = mmap.mmap(-1, blocks * PROBES * SLOT.size)  # MAP_SHARED | MAP_ANONYMOUS: survives fork
-        context = multiprocessing.get_context("fork")
-        self._locks = [context.Lock() for _ in range(LOCK_STRIPES)]
+        # fcntl record locks on an unlinked file, one byte per stripe: the kernel drops a
+        # lock when its holder dies, so a worker killed inside take() blocks nobody.
+        self._lock_fd, path = tempfile.mkstemp(prefix="herald-limiter-")
+        os.unlink(path)
+        # A secret per server start, drawn before the workers fork so all share it: nobody
+        # can pick keys that land in another key's neighbourhood and push that bucket out.
+        salt = os.urandom(16)
+
+        @functools.lru_cache(maxsize=65536)
+        def key_hash(key: str) -> int:
+            digest = hashlib.blake2b(key.encode(), digest_size=8, key=salt).digest()
+            return int.from_bytes(digest, "little", signed=True) or 1
+
+        self.key_hash = key_hash
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.close(self._lock_fd)
 
     def take(self, key: str, rate: float, burst: int, now: float | None = None) -> Decision:
         """Take one token from key's bucket (refilling at rate tokens/s, holding at most burst)."""
-        h = key_hash(key)
+        h = self.key_hash(key)
         block = h % self.blocks
-        with self._locks[block % LOCK_STRIPES]:
+        stripe = block % LOCK_STRIPES
+        fcntl.lockf(self._lock_fd, fcntl.LOCK_EX, 1, stripe)
+        try:
             # Read the clock holding the lock: a reading taken before waiting could be older
             # than the one another process just stored, and would move `last` back (refill twice).
             now = time.monotonic() if now is None else now
@@ -73,6 +84,8 @@ class RateLimiter:
             if allowed:
                 tokens -= 1.0
             SLOT.pack_into(self._memory, offset, h, tokens, now)
+        finally:
+            fcntl.lockf(self._lock_fd, fcntl.LOCK_UN, 1, stripe)
         return decision(allowed, tokens, rate, burst)
 
     def take_request(self, limits: LimitsSettings, key: str) -> Decision | None:

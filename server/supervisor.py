@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import select
@@ -32,6 +33,7 @@ EARLY_DEATH = 5.0  # a worker dying sooner than this after start counts towards 
 BACKOFF_FIRST, BACKOFF_MAX = 0.2, 10.0
 READY_TIMEOUT = 60.0
 STOP_GRACE = 5.0
+PR_SET_PDEATHSIG = 1
 
 log = logging.getLogger("herald.supervisor")
 
@@ -173,6 +175,7 @@ class Supervisor:
 
     def spawn(self, slot: int) -> Worker:
         ready_read, ready_write = os.pipe()
+        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
@@ -182,6 +185,7 @@ class Supervisor:
                 for sig in self.SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the supervisor's business
+                drain_when_orphaned(supervisor)
                 logs.worker_id = str(slot)
                 run_worker(self.settings, self.sock, limiter=self.limiter, on_ready=lambda: os.write(ready_write, b"1"))
                 code = 0
@@ -236,6 +240,8 @@ class Supervisor:
             log.error("SIGHUP: settings not reloaded: %s", exc)
         log.info("SIGHUP: replacing workers one by one")
         for old in [w for w in self.workers.values() if not w.retiring]:
+            if old.pid not in self.workers:
+                continue  # it died during the roll and was reaped: restart_due() replaces it
             new = self.spawn(old.slot)
             if wait_ready(new.ready_fd, READY_TIMEOUT):
                 retire(old, signal.SIGTERM)
@@ -260,6 +266,14 @@ class Supervisor:
             self.reap()
         self.sock.close()
         return 0
+
+
+def drain_when_orphaned(parent: int) -> None:
+    """Linux: SIGTERM this worker if the supervisor dies (even by SIGKILL), so none lingers."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def retire(worker: Worker, sig: int) -> None:
