@@ -5,8 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from handlers.http import json_response, query_int, require_identity
+from server.errors import ValidationError
 from server.keys import presence_key, rules_key, store_key
-from server.permissions import may
+from server.permissions import is_valid_channel, may
 
 SCAN_BATCH = 500
 
@@ -15,6 +16,8 @@ async def list_channels(request: web.Request) -> web.Response:
     identity = require_identity(request)
     limit = query_int(request, "limit", 100, 1, 1000)
     cursor = request.query.get("after", "")
+    if cursor and not is_valid_channel(cursor):  # a NUL here was a 500 (PostgreSQL text refuses it)
+        raise ValidationError.field("after", "must be a channel name: the previous page's next")
     rules, store = request.app[rules_key], request.app[store_key]
     found: list[tuple[str, int]] = []
     while len(found) < limit:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -10,6 +11,8 @@ from aiohttp import web
 from server.auth import Identity
 from server.errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized, UnsupportedMediaType, ValidationError
 from server.keys import identity_key
+
+INTEGER = re.compile(r"-?[0-9]{1,19}")
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -38,10 +41,9 @@ def query_int(request: web.Request, name: str, default: int | None, low: int, hi
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValidationError.field(name, "must be an integer") from None
+    if not INTEGER.fullmatch(raw):  # int() also takes " 5", "+5", "1_0" and non-ASCII digits
+        raise ValidationError.field(name, "must be an integer")
+    value = int(raw)
     if not low <= value <= high:
         raise ValidationError.field(name, f"must be between {low} and {high}")
     return value
