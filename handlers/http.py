@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -15,6 +16,19 @@ from server.keys import identity_key
 INTEGER = re.compile(r"-?[0-9]{1,19}")
 
 
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode_json(raw: bytes | str) -> Any:
+    """Standard JSON, exactly: the stdlib keeps integers of any size (orjson would round
+    them to floats) and NaN/Infinity, which are not JSON, are refused."""
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"Malformed JSON: {exc}") from None
+
+
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
 
@@ -26,11 +40,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     limit = request.client_max_size
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"Request body is larger than {limit} bytes")
-    body = await request.read()
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"Malformed JSON body: {exc.msg}") from None
+    value = decode_json(await request.read())
     if not isinstance(value, dict):
         raise ValidationError.field("body", "must be a JSON object")
     return value

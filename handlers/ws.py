@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
-from handlers.http import identity_of
+from handlers.http import decode_json, identity_of
 from server.connections import WebSocketConnection
 from server.db import DATABASE_DOWN_ERRORS
 from server.errors import ApiError, BadRequest, Conflict, Forbidden, ValidationError
@@ -160,10 +160,7 @@ class Session:
 
 
 def parse(text: str) -> dict[str, Any]:
-    try:
-        message = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        raise BadRequest("The message is not valid JSON") from None
+    message = decode_json(text)
     if not isinstance(message, dict):
         raise BadRequest("A message must be a JSON object with an op")
     if not isinstance(message.get("id"), SCALARS):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import orjson
 
 from server.errors import Conflict, ValidationError
 from server.settings import EventsSettings
@@ -71,7 +71,12 @@ def validate_event(body: dict[str, Any]) -> tuple[str, str]:
     unknown = set(body) - {"type", "data"}
     if unknown:
         raise ValidationError.field(sorted(unknown)[0], "is not a field of an event")
-    return event_type, orjson.dumps(body.get("data")).decode()
+    try:
+        data = json.dumps(body.get("data"), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        data.encode()
+    except (ValueError, UnicodeEncodeError):
+        raise ValidationError.field("data", "must be JSON with finite numbers and valid Unicode") from None
+    return event_type, data
 
 
 def validate_idempotency_key(key: str | None) -> str | None:

@@ -695,3 +695,27 @@ async def test_publishing_while_the_database_is_down_is_503_then_works_again(cli
     assert resp.status == 201
     assert (await resp.json())["offset"] == 4
     assert [e["data"] for e in await all_events(client, "public:outage")] == [1, 2, 3, 4]
+
+
+async def test_integers_of_any_size_are_kept_exactly(client, pub):
+    body = b'{"data": {"big": 123456789012345678901234567890, "neg": -98765432109876543210}}'
+    resp = await post_raw(client, "big", body, bearer(pub))
+    assert resp.status == 201
+    text = await resp.text()
+    assert '"big":123456789012345678901234567890' in text
+    history = await (await client.get(events_path("big") + "?after=0", headers=bearer(pub))).text()
+    assert "-98765432109876543210" in history
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b'{"data": NaN}', 400),  # not JSON at all
+        (b'{"data": Infinity}', 400),
+        (b'{"data": 1E400}', 422),  # JSON, but no finite number holds it
+        (b'{"data": "\\ud800"}', 422),  # a lone surrogate is not Unicode text
+    ],
+)
+async def test_numbers_and_strings_that_cannot_be_stored_exactly_are_refused(client, pub, body, status):
+    resp = await post_raw(client, "odd", body, bearer(pub))
+    assert resp.status == status, await resp.text()
