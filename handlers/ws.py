@@ -31,13 +31,13 @@ def frame(message: dict[str, Any]) -> bytes:
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     settings = request.app[settings_key].realtime
+    # Pings come from the hub's one heartbeat loop (server/realtime.py), not a timer per
+    # socket: cheaper, and the pong gets the whole heartbeat that PROTOCOL §10 allows.
     ws = web.WebSocketResponse(
-        heartbeat=settings.heartbeat,
+        autoping=False,
         compress=settings.compression,
         max_msg_size=settings.max_frame_bytes,
     )
-    # aiohttp waits heartbeat/2 for the pong; PROTOCOL §10 allows a whole heartbeat.
-    ws._pong_heartbeat = settings.heartbeat
     await ws.prepare(request)
     hub = request.app[hub_key]
     conn = WebSocketConnection(hub, identity_of(request), ws, request.transport)
@@ -57,6 +57,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         async for message in ws:
             if message.type == WSMsgType.TEXT:
                 await session.handle(message.data)
+            elif message.type == WSMsgType.PONG:
+                conn.ponged()
+            elif message.type == WSMsgType.PING:
+                await ws.pong(message.data)
             elif message.type == WSMsgType.BINARY:
                 await ws.close(code=1003, message=b"binary frames are not supported")
     finally:

@@ -28,6 +28,7 @@ log = logging.getLogger("herald.connections")
 
 CLOSE_TIMEOUT = 5.0
 SSE_PING = b": ping\n\n"
+PING_FRAME = b"\x89\x00"  # a WebSocket ping with no payload, the same bytes for everyone
 
 
 class Connection:
@@ -94,11 +95,25 @@ class Connection:
 
 class WebSocketConnection(Connection):
     kind = "ws"
-    __slots__ = ("ws",)
+    __slots__ = ("awaiting_pong", "ws")
 
     def __init__(self, hub: Hub, identity: Identity | None, ws: web.WebSocketResponse, transport) -> None:
         self.ws = ws
+        self.awaiting_pong = False
         super().__init__(hub, identity, transport)
+
+    def heartbeat(self) -> None:
+        """One beat: close if the last ping went unanswered for a whole heartbeat, else ping."""
+        if self.closed:
+            return
+        if self.awaiting_pong:
+            self.close(1000, "no pong within the heartbeat")
+            return
+        self.awaiting_pong = True
+        self.transport.write(PING_FRAME)
+
+    def ponged(self) -> None:
+        self.awaiting_pong = False
 
     def deliver(self, sub: Subscription, event: EncodedEvent) -> None:
         self.transport.write(event.ws_frame)

@@ -10,7 +10,7 @@ import aiojobs
 from aiohttp import web
 
 from server.broker import Broker
-from server.connections import SseConnection
+from server.connections import SseConnection, WebSocketConnection
 from server.db import DATABASE_DOWN_ERRORS
 from server.events import EventStore
 from server.hub import Hub
@@ -43,6 +43,7 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
         presence.report_forever(),
         prune_forever(store, settings.events.prune_interval),
         ping_sse_forever(hub, settings.realtime.sse_ping),
+        heartbeat_websockets_forever(hub, settings.realtime.heartbeat),
         metrics.sync_forever(hub),
     ):
         await scheduler.spawn(job)
@@ -80,3 +81,11 @@ async def ping_sse_forever(hub: Hub, interval: float) -> None:
         for conn in list(hub.connections):
             if isinstance(conn, SseConnection) and not conn.closed:
                 conn.ping()
+
+
+async def heartbeat_websockets_forever(hub: Hub, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        for conn in list(hub.connections):
+            if isinstance(conn, WebSocketConnection):
+                conn.heartbeat()
