@@ -88,12 +88,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def pin_to(core: int | None) -> Callable[[], None] | None:
-    """A preexec_fn that moves the child to `core` (None: leave it where it is)."""
-    return None if core is None else partial(os.sched_setaffinity, 0, {core})
+def pin_to(cores: int | set[int] | None) -> Callable[[], None] | None:
+    """A preexec_fn that moves the child to `cores` (None: leave it where it is)."""
+    if cores is None:
+        return None
+    return partial(os.sched_setaffinity, 0, {cores} if isinstance(cores, int) else cores)
 
 
-def spawn(name: str, port: int, args: list[str], env: dict[str, str], workdir: Path, core: int | None) -> Server:
+def spawn(
+    name: str, port: int, args: list[str], env: dict[str, str], workdir: Path, core: int | set[int] | None
+) -> Server:
     log_path = workdir / f"{name}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -124,13 +128,19 @@ def herald_env(workdir: Path) -> dict[str, str]:
     return env
 
 
-def start_herald(workdir: Path, core: int | None) -> Server:
+def start_herald(workdir: Path, core: int | set[int] | None, workers: int = 1, name: str = "herald") -> Server:
     settings = workdir / "settings.toml"
     settings.write_text(HERALD_SETTINGS.format(secrets_dir=json.dumps(str(workdir / "secrets"))))
     port = free_port()
     args = [sys.executable, "run.py", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    args += ["--workers", "1", "--settings", str(settings)]
-    return spawn("herald", port, args, herald_env(workdir), workdir, core)
+    args += ["--workers", str(workers), "--settings", str(settings)]
+    return spawn(name, port, args, herald_env(workdir), workdir, core)
+
+
+def start_bare(workdir: Path, core: int | set[int] | None) -> Server:
+    port = free_port()
+    args = [sys.executable, "-m", "bench.bare_server", "--port", str(port)]
+    return spawn("bare", port, args, dict(os.environ), workdir, core)
 
 
 STARTERS = {"naive": start_naive, "herald": start_herald}

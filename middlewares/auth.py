@@ -26,11 +26,14 @@ from server.users import identity_for_token
 SESSION_COOKIE = "herald_session"
 QUERY_TOKEN_PATHS = frozenset({"/ws", "/sse"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+SESSION_PATHS = frozenset({"/api/auth/login", "/api/auth/logout"})
 # Logging in again replaces the session, so the old cookie is neither used nor Origin-checked.
 COOKIE_IGNORED_PATHS = frozenset({"/api/auth/login"})
 
 
 def herald_session_middleware(settings: AuthSettings):
+    """aiohttp-session's middleware, entered only where a session can matter: a request
+    carrying the cookie, or login and logout. Everything else skips its work and frame."""
     secret = settings.session_secret or load_or_create_secret(settings.secrets_dir, "session_secret")
     storage = EncryptedCookieStorage(
         hashlib.sha256(secret.encode()).digest(),
@@ -39,7 +42,15 @@ def herald_session_middleware(settings: AuthSettings):
         samesite="Lax",
         max_age=settings.session_ttl,
     )
-    return session_middleware(storage)
+    with_session = session_middleware(storage)
+
+    @web.middleware
+    async def sessions_where_needed(request: web.Request, handler):
+        if SESSION_COOKIE in request.cookies or request.path in SESSION_PATHS:
+            return await with_session(request, handler)
+        return await handler(request)
+
+    return sessions_where_needed
 
 
 @web.middleware

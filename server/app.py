@@ -103,6 +103,8 @@ def add_routes(app: web.Application) -> None:
 
 
 def enable_cors(app: web.Application, settings: Settings) -> None:
+    if not settings.cors.origins:
+        return  # no origin may call: nothing to add, and no per-response hook to pay for
     options = aiohttp_cors.ResourceOptions(
         allow_credentials=True,
         expose_headers=EXPOSED_HEADERS,

@@ -16,6 +16,7 @@ from server.secrets import load_or_create_secret
 from server.settings import AuthSettings
 
 BCRYPT_MAX_BYTES = 72
+VERIFIED_CACHE_SIZE = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,7 @@ class TokenService:
     def __init__(self, settings: AuthSettings) -> None:
         self.settings = settings
         self.algorithm = settings.jwt_algorithm
+        self._verified: dict[str, dict[str, Any]] = {}
         if self.algorithm.startswith("HS"):
             secret = settings.jwt_secret or load_or_create_secret(settings.secrets_dir, "jwt_secret")
             self._signing_key: Any = secret
@@ -94,6 +96,19 @@ class TokenService:
         return jwt.encode(claims, self._signing_key, algorithm=self.algorithm)
 
     def verify(self, token: str) -> dict[str, Any]:
+        """The token's claims. A token seen before skips the signature check (it cannot
+        change) but not the clock: exp and nbf are checked again on every use."""
+        now = time.time()
+        claims = self._verified.get(token)
+        if claims is not None and claims["exp"] > now and claims.get("nbf", 0) <= now:
+            return claims
+        claims = self._decode(token)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.clear()
+        self._verified[token] = claims
+        return claims
+
+    def _decode(self, token: str) -> dict[str, Any]:
         try:
             claims = jwt.decode(
                 token,
