@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import time
 
 from aiohttp import web
 
-from server.keys import metrics_key
-
-log = logging.getLogger("herald.access")
+from server.keys import access_log_key, metrics_key
 
 SECRET_PARAMS = frozenset({"access_token", "token"})
 
@@ -52,12 +49,9 @@ async def access_log_middleware(request: web.Request, handler):
         duration = time.perf_counter() - start
         status = response.status if response is not None else 499
         route = route_name(request)
-        metrics = request.app.get(metrics_key)
-        if metrics is not None:
-            metrics.observe_request(request.method, route, status, duration)
-        log.info(
-            "request",
-            extra={
+        request.app[metrics_key].observe_request(request.method, route, status, duration)
+        request.app[access_log_key].write(
+            {
                 "method": request.method,
                 "path": redacted_path(request),
                 "route": route,
@@ -65,5 +59,5 @@ async def access_log_middleware(request: web.Request, handler):
                 "duration_ms": round(duration * 1000, 3),
                 "bytes": response_bytes(response),
                 "remote": request.remote,
-            },
+            }
         )

@@ -18,6 +18,7 @@ from middlewares.security import security_headers
 from server import db
 from server.auth import TokenService
 from server.keys import (
+    access_log_key,
     limiter_key,
     metrics_key,
     pool_key,
@@ -29,6 +30,7 @@ from server.keys import (
     users_key,
 )
 from server.limiter import RateLimiter
+from server.logs import AccessLog
 from server.metrics import Metrics
 from server.permissions import compile_rules
 from server.realtime import close_connections, realtime_ctx
@@ -40,8 +42,11 @@ from server.users import UserStore
 EXPOSED_HEADERS = ("X-Request-Id", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "Retry-After")
 
 
-def create_app(settings: Settings, *, limiter: RateLimiter | None = None) -> web.Application:
-    """One worker's app. `limiter` is the supervisor's, shared by all workers; tests get their own."""
+def create_app(
+    settings: Settings, *, limiter: RateLimiter | None = None, access_log: AccessLog | None = None
+) -> web.Application:
+    """One worker's app. `limiter` is the supervisor's, shared by all workers; tests get
+    their own, and may catch the access lines in `access_log`."""
     app = web.Application(
         client_max_size=settings.limits.body_bytes,
         middlewares=[
@@ -58,6 +63,7 @@ def create_app(settings: Settings, *, limiter: RateLimiter | None = None) -> web
     app[rules_key] = compile_rules(settings.channels)
     app[limiter_key] = limiter or RateLimiter()
     app[metrics_key] = Metrics()
+    app[access_log_key] = access_log or AccessLog()
     app[static_key] = build_static(Path(settings.server.static_dir), Path(settings.server.static_build_dir))
 
     app.cleanup_ctx.append(db.pool_ctx)

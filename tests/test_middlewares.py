@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import uuid
 
+import orjson
 import pytest
 from aiohttp import web
 
 from handlers.http import json_response, read_json_object
 from server import errors
 from server.app import create_app
+from server.logs import AccessLog
 
 ERROR_CLASSES = {cls.status: cls for cls in errors.ApiError.__subclasses__()}
 
@@ -43,9 +46,18 @@ def add_test_routes(app: web.Application) -> None:
 
 
 @pytest.fixture
-async def make_client(aiohttp_client, make_settings, settings):
+def access_stream() -> io.BytesIO:
+    return io.BytesIO()
+
+
+def lines_of(stream: io.BytesIO) -> list[dict]:
+    return [orjson.loads(line) for line in stream.getvalue().splitlines()]
+
+
+@pytest.fixture
+async def make_client(aiohttp_client, make_settings, settings, access_stream):
     async def make(raw=None):
-        app = create_app(make_settings(raw))
+        app = create_app(make_settings(raw), access_log=AccessLog(access_stream))
         add_test_routes(app)
         return await aiohttp_client(app)
 
@@ -235,26 +247,23 @@ async def test_hsts_only_when_a_trusted_proxy_says_https(make_client):
 # access log
 
 
-async def test_one_access_line_per_request_with_its_fields(tclient, caplog):
-    caplog.set_level(logging.INFO, logger="herald.access")
+async def test_one_access_line_per_request_with_its_fields(tclient, access_stream):
     await tclient.get("/healthz", headers={"X-Request-Id": "log-1"})
     await tclient.get("/nope")
-    records = [r for r in caplog.records if r.name == "herald.access"]
-    assert len(records) == 2
-    first = records[0]
-    assert (first.method, first.route, first.status, first.bytes) == ("GET", "/healthz", 200, 15)
-    assert first.duration_ms >= 0
-    assert records[1].status == 404
-    assert records[1].route == "unmatched"
+    first, second = lines_of(access_stream)
+    assert (first["method"], first["route"], first["status"], first["bytes"]) == ("GET", "/healthz", 200, 15)
+    assert (first["logger"], first["level"], first["request_id"]) == ("herald.access", "info", "log-1")
+    assert first["duration_ms"] >= 0
+    assert first["time"].endswith("Z")
+    assert (second["status"], second["route"]) == (404, "unmatched")
 
 
-async def test_access_log_redacts_tokens_in_query_strings(tclient, caplog):
-    caplog.set_level(logging.INFO, logger="herald.access")
+async def test_access_log_redacts_tokens_in_query_strings(tclient, access_stream):
     await tclient.get("/healthz?access_token=eyJsecret.part.sig&channel=a")
-    [record] = [r for r in caplog.records if r.name == "herald.access"]
-    assert "eyJsecret" not in record.path
-    assert "access_token=REDACTED" in record.path
-    assert "channel=a" in record.path
+    [line] = lines_of(access_stream)
+    assert "eyJsecret" not in line["path"]
+    assert "access_token=REDACTED" in line["path"]
+    assert "channel=a" in line["path"]
 
 
 def test_json_formatter_writes_one_json_line_with_the_request_id():
