@@ -50,7 +50,10 @@ async def sse(request: web.Request) -> web.StreamResponse:
             after = positions[channel] if positions is not None else None
             sub, resume = await hub.subscribe(conn, channel, after)
             if not resume.recovered or (cursor and positions is None):
-                await conn.send(sse_message(orjson.dumps({"op": "reset", "channel": channel})))
+                # The reset says where the channel now stands, so a client can fill the gap
+                # from history (and carries no id: it moves no cursor by itself).
+                reset = {"op": "reset", "channel": channel, "offset": resume.offset}
+                await conn.send(sse_message(orjson.dumps(reset)))
                 sub.last_sent = resume.offset
             conn.position(channel, sub.last_sent)
             subscriptions.append(sub)

@@ -236,7 +236,10 @@ async def test_an_unparseable_last_event_id_resets_every_channel(client, publish
         for fields in resets:
             assert set(fields) == {"data"}, fields  # a reset carries no id
         resets_data = sorted((orjson.loads(f["data"]) for f in resets), key=lambda r: r["channel"])
-        assert resets_data == [{"op": "reset", "channel": "public:x"}, {"op": "reset", "channel": "public:y"}]
+        assert resets_data == [
+            {"op": "reset", "channel": "public:x", "offset": 1},
+            {"op": "reset", "channel": "public:y", "offset": 0},
+        ]
         cursor_fields = await stream.message()
         assert set(cursor_fields) == {"id"}
         assert decode_cursor(cursor_fields["id"], ("public:x", "public:y")) == {"public:x": 1, "public:y": 0}
@@ -260,7 +263,7 @@ async def test_a_cursor_ahead_of_the_channel_resets_it(client, publisher):
         stream.close()
     resumed = await SseClient.connect(client, "channel=public:back", headers={"Last-Event-ID": future_id})
     try:
-        assert await resumed.data() == {"op": "reset", "channel": "public:back"}
+        assert await resumed.data() == {"op": "reset", "channel": "public:back", "offset": 3}
         await publish(client, publisher, "public:back", 4)
         event = await resumed.data()
         assert (event["op"], event["offset"]) == ("event", 4)
@@ -291,7 +294,7 @@ async def test_a_cursor_older_than_the_kept_history_resets_only_that_channel(mak
     resumed = await SseClient.connect(client, "channel=public:p&channel=public:q", headers={"Last-Event-ID": cursor})
     try:
         messages = [data for _, data in await data_messages(resumed, 3)]
-        assert {"op": "reset", "channel": "public:p"} in messages
+        assert {"op": "reset", "channel": "public:p", "offset": 10} in messages
         replayed = [m for m in messages if m["op"] == "event"]
         assert [(e["channel"], e["data"]) for e in replayed] == [("public:q", {"n": 2}), ("public:q", {"n": 3})]
         await publish(client, publisher, "public:p", "live")
