@@ -49,7 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--target", "--only", dest="target", choices=[*TARGETS, "both"], default="both", help="what to measure"
     )
     parser.add_argument("--subscribers", type=positive, default=1000, help="subscribers per transport")
-    parser.add_argument("--idle", type=positive, default=2000, help="idle subscribed WebSockets for the RSS figure")
+    parser.add_argument(
+        "--idle", type=int, default=2000, help="idle subscribed WebSockets for the RSS figure (0: skip it)"
+    )
     parser.add_argument("--events", type=positive, default=200, help="events in the fan-out burst")
     parser.add_argument("--rate", type=positive, default=20, help="events per second in the latency run")
     parser.add_argument("--duration", type=positive, default=10, help="seconds of the latency run")
@@ -218,8 +220,10 @@ async def run_target(session: aiohttp.ClientSession, name: str, args: argparse.N
 
 
 async def measure_target(session: aiohttp.ClientSession, server: Server, args: argparse.Namespace) -> dict:
-    print(f"{server.name}: RSS of {args.idle} idle WebSockets", file=sys.stderr)
-    results = {"idle_ws": await attempt(server, "idle", partial(measure_idle, server, args.idle))}
+    results = {}
+    if args.idle > 0:
+        print(f"{server.name}: RSS of {args.idle} idle WebSockets", file=sys.stderr)
+        results["idle_ws"] = await attempt(server, "idle", partial(measure_idle, server, args.idle))
     for transport in TRANSPORTS:
         print(f"{server.name}: {args.subscribers} {transport} subscribers", file=sys.stderr)
         measure = partial(measure_transport, session, server, transport, args)

@@ -119,12 +119,13 @@ def format_report(results: dict) -> str:
     ]
     for transport in TRANSPORTS:
         lines += transport_rows(targets, transport, compared)
-    lines += [
-        "",
-        f"Server RSS per idle subscribed WebSocket, {config['idle']} connections:",
-        IDLE_ROW.format("target", "KiB/conn", "RSS before → after, MiB", "notes"),
-        *idle_rows(targets),
-    ]
+    if config["idle"] > 0:
+        lines += [
+            "",
+            f"Server RSS per idle subscribed WebSocket, {config['idle']} connections:",
+            IDLE_ROW.format("target", "KiB/conn", "RSS before → after, MiB", "notes"),
+            *idle_rows(targets),
+        ]
     return "\n".join(line.rstrip() for line in lines)
 
 
