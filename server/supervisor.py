@@ -20,6 +20,7 @@ import asyncpg
 
 from server import db, logs
 from server.embedded_pg import EmbeddedPostgres, mask_url
+from server.errors import Conflict
 from server.limiter import RateLimiter
 from server.metrics import enable_multiprocess, forget_process
 from server.secrets import load_or_create_secret
@@ -71,7 +72,10 @@ async def bootstrap_admin(users: UserStore, environ: Mapping[str, str]) -> None:
     if not username or not password or await users.count() > 0:
         return
     username, password, roles = validate_new_user(username, password, ["admin"])
-    await users.create(username, password, roles)
+    try:
+        await users.create(username, password, roles)
+    except Conflict:  # another instance sharing the database created it first
+        return
     log.info("created the first admin %s", username)
 
 

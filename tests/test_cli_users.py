@@ -125,6 +125,13 @@ async def test_bootstrap_creates_the_first_admin(users):
     assert await users.count() == 1
 
 
+async def test_instances_starting_together_create_the_admin_once_and_none_fails(users):
+    """Two instances on one empty database both see no user; the loser must not crash."""
+    await asyncio.gather(*(bootstrap_admin(users, BOOTSTRAP) for _ in range(4)))
+    rows = await users.pool.fetch("SELECT username FROM users")
+    assert [r["username"] for r in rows] == ["boss"]
+
+
 async def test_bootstrap_does_nothing_when_a_user_exists(users):
     await users.create("someone", "another password", ("subscriber",))
     await bootstrap_admin(users, BOOTSTRAP)
