@@ -142,6 +142,17 @@ async def settings(make_settings, database_url: str) -> Settings:
 
 
 @pytest.fixture
+async def make_client(aiohttp_client, make_settings, settings):
+    """A test client for an app with these settings (requesting `settings` truncates the tables)."""
+    from server.app import create_app
+
+    async def make(raw: dict[str, Any] | None = None):
+        return await aiohttp_client(create_app(make_settings(raw)))
+
+    return make
+
+
+@pytest.fixture
 async def client(aiohttp_client, settings: Settings):
     from server.app import create_app
 

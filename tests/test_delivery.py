@@ -13,7 +13,6 @@ import struct
 import time
 
 import orjson
-import pytest
 
 from server.app import create_app
 from server.keys import hub_key
@@ -21,16 +20,6 @@ from tests.conftest import wait_for
 from tests.helpers import SseClient, WsClient, bearer, publish, token_for
 
 DEADLINE = 10.0
-
-
-@pytest.fixture
-async def make_client(aiohttp_client, make_settings, settings):
-    """A test client for an app with these settings (requesting `settings` truncates the tables)."""
-
-    async def make(raw=None):
-        return await aiohttp_client(create_app(make_settings(raw)))
-
-    return make
 
 
 async def subscribers(client, channel: str) -> tuple[WsClient, SseClient]:

@@ -9,7 +9,6 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from server.app import create_app
 from server.limiter import PROBES, RateLimiter
 from server.net import client_ip, is_tls
 from tests.helpers import PASSWORD, add_user, bearer, login, token_for
@@ -211,16 +210,6 @@ async def test_is_tls():
 
 
 # Through HTTP.
-
-
-@pytest.fixture
-async def make_client(aiohttp_client, make_settings, settings):
-    """A test client for an app with these settings (requesting `settings` truncates the tables)."""
-
-    async def make(raw=None):
-        return await aiohttp_client(create_app(make_settings(raw)))
-
-    return make
 
 
 async def test_responses_carry_ratelimit_headers_until_429(make_client):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.app import create_app
 from tests.conftest import wait_for
 from tests.helpers import SseClient, WsClient, bearer, publish, token_for
 
@@ -19,16 +18,6 @@ FAMILIES = {
     "herald_events_delivered": "counter",
     "herald_slow_consumer_closes": "counter",
 }
-
-
-@pytest.fixture
-async def make_client(aiohttp_client, make_settings, settings):
-    """A test client for an app with these settings (requesting `settings` truncates the tables)."""
-
-    async def make(raw=None):
-        return await aiohttp_client(create_app(make_settings(raw)))
-
-    return make
 
 
 @pytest.fixture

@@ -23,16 +23,6 @@ RETRY = b"retry: 3000\n\n"
 DEADLINE = 10.0
 
 
-@pytest.fixture
-async def make_client(aiohttp_client, make_settings, settings):
-    """A test client for an app with these settings (requesting `settings` truncates the tables)."""
-
-    async def make(raw=None):
-        return await aiohttp_client(create_app(make_settings(raw)))
-
-    return make
-
-
 class ProductionLikeServer(TestServer):
     """aiohttp's TestServer cancels a handler when its client leaves; server/worker.py's runner
     does not (aiohttp's default), so a stream must notice a departed client by itself."""
