@@ -376,3 +376,17 @@ async def test_login_limited_per_username_across_addresses(make_client):
     # Other usernames, from other addresses or from one alice used once, are independent.
     assert (await attempt("bob", PASSWORD, "10.0.0.5")).status == 200
     assert (await attempt("bob", PASSWORD, "10.0.0.1")).status == 200
+
+
+async def test_refused_credentials_cost_a_token_on_limited_paths_only(make_client):
+    client = await make_client({"limits": {"rate": 0.001, "burst": 2}})
+    bad = {"Authorization": "Bearer not-a-token"}
+    for _ in range(5):  # /healthz is never limited, whatever the credential
+        assert (await client.get("/healthz", headers=bad)).status == 401
+    first = await client.get("/api/me", headers=bad)
+    assert first.status == 401
+    assert first.headers["RateLimit-Remaining"] == "1"
+    assert (await client.get("/api/me", headers=bad)).status == 401
+    guessing = await client.get("/api/me", headers=bad)
+    assert guessing.status == 429
+    assert int(guessing.headers["Retry-After"]) >= 1

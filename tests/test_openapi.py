@@ -329,7 +329,7 @@ def test_examples_fit_their_schemas():
         if "schema" in node and "example" in node:
             assert schema_errors(node["example"], node["schema"]) == [], where
             checked += 1
-        if "examples" in node and isinstance(node["examples"], list) and where.count("/properties/") < 9:
+        if isinstance(node.get("examples"), list):  # JSON Schema examples (a parameter's are a map)
             for example in node["examples"]:
                 assert schema_errors(example, node) == [], where
                 checked += 1
@@ -492,10 +492,10 @@ async def test_auth_answers_as_described(client):
 
 
 async def test_users_answer_as_described(client):
-    admin, subscriber = bearer(await token_for(client, "root", ("admin",))), bearer(await token_for(client, "sub"))
-    list_op, create_op, patch_op, delete_op = (
-        "GET /api/users", "POST /api/users", "PATCH /api/users/{id}", "DELETE /api/users/{id}"
-    )  # fmt: skip
+    admin = bearer(await token_for(client, "root", ("admin",)))
+    subscriber = bearer(await token_for(client, "sub"))
+    list_op, create_op = "GET /api/users", "POST /api/users"
+    patch_op, delete_op = "PATCH /api/users/{id}", "DELETE /api/users/{id}"
     page = await conform(await client.get("/api/users", headers=admin), list_op, 200)
     assert [u["username"] for u in page["items"]] == ["root", "sub"]
     await conform(await client.get("/api/users", params={"limit": "0"}, headers=admin), list_op, 422)
@@ -518,10 +518,10 @@ async def test_users_answer_as_described(client):
 
 
 async def test_channels_and_events_answer_as_described(client):
-    publisher, subscriber = bearer(await token_for(client, "pub", ("publisher",))), bearer(await token_for(client, "s"))
-    publish_op, history_op, list_op = (
-        "POST /api/channels/{channel}/events", "GET /api/channels/{channel}/events", "GET /api/channels"
-    )  # fmt: skip
+    publisher = bearer(await token_for(client, "pub", ("publisher",)))
+    subscriber = bearer(await token_for(client, "sub"))
+    publish_op, history_op = "POST /api/channels/{channel}/events", "GET /api/channels/{channel}/events"
+    list_op = "GET /api/channels"
     orders = "/api/channels/orders/events"
     keyed = {**publisher, "Idempotency-Key": "order-7"}
     body = {"type": "order.created", "data": {"id": 7}}
