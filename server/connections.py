@@ -42,7 +42,7 @@ class Connection:
         self.transport = transport
         self.subscriptions: dict[str, Subscription] = {}
         self.closed = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] | None = None  # made on first use: most never need one
         self._expiry: asyncio.TimerHandle | None = None
         self._watch_expiry()
 
@@ -63,6 +63,8 @@ class Connection:
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """A task tied to this connection: kept referenced, cancelled when it ends."""
         task = asyncio.get_running_loop().create_task(coro)
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -76,7 +78,7 @@ class Connection:
         self.closed = True
         if self._expiry is not None:
             self._expiry.cancel()
-        for task in list(self._tasks):
+        for task in list(self._tasks or ()):
             if task is not asyncio.current_task():
                 task.cancel()
 

@@ -13,6 +13,7 @@ from server.hub import Hub
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 SYNC_INTERVAL = 1.0
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def enable_multiprocess(directory: str) -> None:
@@ -42,11 +43,18 @@ class Metrics:
         self.published = Counter("herald_events_published", "Events stored", registry=r)
         self.delivered = Counter("herald_events_delivered", "Events written to subscribers", ["transport"], registry=r)
         self.slow_closes = Counter("herald_slow_consumer_closes", "Connections closed as slow consumers", registry=r)
+        self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._synced: Tally[str] = Tally()
         self._synced_slow = 0
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(method, route, str(status)).inc()
+        if method not in KNOWN_METHODS:
+            method = "OTHER"  # clients choose the method: keep label values (and memory) bounded
+        key = (method, route, status)
+        child = self._request_children.get(key)
+        if child is None:  # labels() costs a lookup and a lock; routes and statuses are few
+            child = self._request_children[key] = self.requests.labels(method, route, str(status))
+        child.inc()
         self.latency.observe(seconds)
 
     def render(self) -> bytes:
