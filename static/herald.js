@@ -30,10 +30,11 @@
   const CHANNEL = /^[A-Za-z0-9_.:@-]{1,128}$/;
   const HISTORY_PAGE = 1000;
   // An unparseable Last-Event-ID makes the server send a "reset" for every channel right
-  // after subscribing it (PROTOCOL §10, §6). The client sends it when it knows offsets but has
-  // no cursor for this channel set (first SSE stream after a transport switch, a channel added
-  // or removed): each reset then marks the moment that channel is live, and the client reads
-  // what it missed from history (REST), holding live events back until that is done.
+  // after subscribing it (PROTOCOL §10, §6), with the channel's current offset. The client
+  // sends it whenever it has no cursor for this channel set (a first stream, a transport
+  // switch, a channel added or removed): each reset marks the moment that channel is live
+  // and where it stands; the client reads what it missed from history (REST), holding live
+  // events back until that is done.
   const RESYNC = "resync";
   const FATAL_SUBSCRIBE_CODES = new Set(["unauthorized", "forbidden", "validation_error", "not_found"]);
 
@@ -488,9 +489,9 @@
       const params = new URLSearchParams();
       for (const channel of channels) params.append("channel", channel);
       if (token) params.set("access_token", token);
-      const knowsOffsets = channels.some((c) => this._subs.get(c).offset !== null);
-      if (this._cursor && this._cursorKey === key) params.set("last_event_id", this._cursor);
-      else if (knowsOffsets) params.set("last_event_id", RESYNC);
+      // Without a cursor for this channel set, ask for a reset of every channel: it tells each
+      // channel's position, also for one that has not had an event yet.
+      params.set("last_event_id", this._cursor && this._cursorKey === key ? this._cursor : RESYNC);
       const es = new EventSource(`${this.url}/sse?${params}`, {
         withCredentials: this.credentials === "include",
       });
@@ -513,7 +514,7 @@
       const message = parseJson(m.data);
       if (!message || typeof message !== "object") return;
       if (message.op === "reset") {
-        this._sseReset(gen, conn, message.channel);
+        this._sseReset(gen, conn, message.channel, message.offset);
         return;
       }
       if (message.op !== "event") return;
@@ -535,9 +536,15 @@
       }
     }
 
-    _sseReset(gen, conn, channel) {
+    _sseReset(gen, conn, channel, offset) {
       const sub = this._subs.get(channel);
-      if (!sub || sub.offset === null) return; // nothing delivered yet: nothing to catch up on
+      if (!sub) return;
+      if (sub.offset === null) {
+        // Nothing delivered yet: nothing to catch up on, but the reset says where the channel
+        // stands, so a drop before its first event still resumes from here.
+        if (Number.isInteger(offset)) sub.offset = offset;
+        return;
+      }
       this._cursor = null;
       const fill = { buffer: [] };
       conn.filling.set(channel, fill);

@@ -399,3 +399,23 @@ async def test_herald_js_reports_a_reset_when_history_is_gone(make_server, aioht
     assert events[-1] == ("public:pruned", 11, "message")  # nothing replayed; live events follow
     assert len(events) == 3
     assert_page_was_clean(page)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_herald_js_resumes_a_channel_that_had_no_event_before_the_drop(server, api, publisher, page, transport):
+    """The subscribe reply (WS) or the reset (SSE) tells where an empty channel stands."""
+    channel = "public:quiet"
+    await page.goto(base_url(server))
+    await start_client(page, transport, {channel: None})
+    await wait_for(lambda: is_live(server, channel))
+    await page.wait_for_function("() => window.log.states.includes('connected')")
+
+    server.app[hub_key].close_all(1012, "restart")
+    for n in (1, 2):
+        await publish(api, publisher, channel, n)
+    events = await received(page, 2)
+    assert [offset for _, offset, _ in events] == [1, 2]
+    await publish(api, publisher, channel, 3)
+    assert [offset for _, offset, _ in await received(page, 3)] == [1, 2, 3]
+    assert await page.evaluate("() => window.log.resets") == []
+    assert_page_was_clean(page)
