@@ -17,16 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from server.app import create_app
 from server.keys import tokens_key, users_key
-
-PASSWORD = "correct horse battery"
-
-
-async def add_user(client, username="alice", roles=("subscriber",), password=PASSWORD):
-    return await client.app[users_key].create(username, password, tuple(roles))
-
-
-async def login(client, username="alice", password=PASSWORD):
-    return await client.post("/api/auth/login", json={"username": username, "password": password})
+from tests.helpers import PASSWORD, add_user, login
 
 
 def origin_of(client) -> str:
