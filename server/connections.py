@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import secrets
 import time
 from collections.abc import Coroutine
@@ -24,10 +23,9 @@ from server.wire import EncodedEvent, channel_set_tag, encode_cursor, event_payl
 if TYPE_CHECKING:
     from server.hub import Hub, Subscription
 
-log = logging.getLogger("herald.connections")
-
 CLOSE_TIMEOUT = 5.0
 SSE_PING = b": ping\n\n"
+SSE_PING_CHUNK = http_chunk(SSE_PING)
 PING_FRAME = b"\x89\x00"  # a WebSocket ping with no payload, the same bytes for everyone
 
 
@@ -172,7 +170,7 @@ class SseConnection(Connection):
             # asyncio logs a warning for each write to a lost connection).
             self.close(1000, "client left")
             return
-        self.positions[self._index[event.channel]] = event.offset
+        self.position(event.channel, event.offset)
         if len(self.positions) == 1 and self.chunked:
             data = event.single_channel_sse_chunk()
         else:
@@ -195,7 +193,7 @@ class SseConnection(Connection):
         if self.transport is None or self.transport.is_closing():
             self.close(1000, "client left")
             return
-        self.transport.write(http_chunk(SSE_PING) if self.chunked else SSE_PING)
+        self.transport.write(SSE_PING_CHUNK if self.chunked else SSE_PING)
         self._check_backlog()
 
     def close(self, code: int, reason: str) -> None:

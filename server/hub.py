@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -140,9 +139,6 @@ class Hub:
             if self.broker is not None:
                 self.broker.release(channel)
         self.counts_changed.set()
-
-    def served_channels(self) -> Iterable[str]:
-        return self.channels.keys()
 
     def counts(self) -> dict[str, int]:
         return {channel: len(subs) for channel, subs in self.channels.items()}

@@ -21,10 +21,6 @@ def is_valid_channel(name: object) -> bool:
     return isinstance(name, str) and CHANNEL_NAME.fullmatch(name) is not None
 
 
-def namespace_of(channel: str) -> str:
-    return channel.split(":", 1)[0]
-
-
 @dataclass(frozen=True, slots=True)
 class CompiledRule:
     pattern: str

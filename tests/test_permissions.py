@@ -6,7 +6,7 @@ import pytest
 
 from server.auth import Identity
 from server.errors import Forbidden, Unauthorized, ValidationError
-from server.permissions import channel_rule_for, check_permission, compile_rules, is_valid_channel, may, namespace_of
+from server.permissions import channel_rule_for, check_permission, compile_rules, is_valid_channel, may
 from server.settings import ChannelRule, SettingsError
 from tests.conftest import TEST_CHANNEL_RULES
 
@@ -255,14 +255,6 @@ def test_valid_channel_names(name):
 )
 def test_invalid_channel_names(name):
     assert not is_valid_channel(name)
-
-
-@pytest.mark.parametrize(
-    ("channel", "namespace"),
-    [("metrics:cpu", "metrics"), ("metrics", "metrics"), ("a:b:c", "a"), (":x", ""), ("user@x:y", "user@x")],
-)
-def test_namespace_is_the_part_before_the_first_colon(channel, namespace):
-    assert namespace_of(channel) == namespace
 
 
 @pytest.mark.parametrize("identity", [ANON, ALICE, ADMIN])
