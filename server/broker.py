@@ -14,10 +14,9 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import asyncpg
-import orjson
 
 from server.db import DATABASE_DOWN_ERRORS
-from server.events import EVENTS_CHANNEL, EventStore, StoredEvent
+from server.events import EVENTS_CHANNEL, EventStore, StoredEvent, notification_head
 from server.users import USER_CHANGES_CHANNEL
 
 log = logging.getLogger("herald.broker")
@@ -155,14 +154,13 @@ class Broker:
                 item[2].set_exception(exc)
 
     async def _on_event(self, payload: str) -> None:
-        head = orjson.loads(payload)
-        channel, offset = head["channel"], head["offset"]
+        channel, offset, large = notification_head(payload)
         last = self.last.get(channel)
         if last is None or offset <= last:
             return
         if offset > last + 1:
             await self._fill(channel, offset - 1)
-        if head.get("large"):
+        if large:
             event = await self.store.event(channel, offset)
             if event is None:  # pruned already; nothing to deliver
                 self.last[channel] = offset

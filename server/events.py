@@ -45,6 +45,22 @@ WITH ch AS (
 SELECT j."offset", j.json, {NOTIFY_SQL} FROM j
 """
 
+
+def notification_head(payload: str) -> tuple[str, int, bool]:
+    """A NOTIFY payload's channel, offset and whether its body was left out (too large).
+
+    Read from the fixed prefix both payload shapes above share, without parsing the data:
+    every process receives every event of the deployment, most for channels it does not serve.
+    """
+    channel_end = payload.index('"', CHANNEL_START)
+    offset_start = channel_end + len('","offset":')
+    offset_end = payload.index(",", offset_start)
+    return payload[CHANNEL_START:channel_end], int(payload[offset_start:offset_end]), payload.endswith(LARGE_END)
+
+
+CHANNEL_START = len('{"channel":"')
+LARGE_END = ',"large":true}'
+
 SELECT_EVENTS_SQL = f"""SELECT e."offset", {EVENT_JSON_SQL} AS json FROM events e"""
 
 

@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from server.app import create_app
+from server.events import notification_head
 from tests.conftest import wait_for
 from tests.helpers import SseClient, WsClient, bearer, publish, token_for
 
@@ -719,3 +720,15 @@ async def test_integers_of_any_size_are_kept_exactly(client, pub):
 async def test_numbers_and_strings_that_cannot_be_stored_exactly_are_refused(client, pub, body, status):
     resp = await post_raw(client, "odd", body, bearer(pub))
     assert resp.status == status, await resp.text()
+
+
+@pytest.mark.parametrize("channel", ["orders", "user:42", "a.b_c-d@e:f", "x" * 128])
+async def test_the_broker_reads_a_notifications_head_as_json_would(client, pub, channel):
+    """What notification_head reads from both payload shapes agrees with a full JSON parse."""
+    data = {"offset": 99, "large": True, "s": '","offset":7,'}
+    resp = await client.post(events_path(channel), json={"data": data}, headers=bearer(pub))
+    small = await resp.text()  # the stored JSON text: the same bytes a NOTIFY carries
+    event = orjson.loads(small)
+    large = orjson.dumps({"channel": channel, "offset": event["offset"], "large": True}).decode()
+    assert notification_head(small) == (channel, event["offset"], False)
+    assert notification_head(large) == (channel, event["offset"], True)
