@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import orjson
 from aiohttp import web
 
@@ -9,6 +11,7 @@ from handlers.http import identity_of
 from server.connections import SseConnection
 from server.db import DATABASE_DOWN_ERRORS
 from server.errors import ValidationError
+from server.hub import Hub
 from server.keys import hub_key, rules_key, settings_key
 from server.permissions import check_permission
 from server.wire import decode_cursor, sse_message
@@ -32,7 +35,6 @@ async def sse(request: web.Request) -> web.StreamResponse:
     for channel in channels:
         check_permission(identity, "subscribe", channel, request.app[rules_key])
     cursor = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
-    positions = decode_cursor(cursor, channels)
 
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -42,28 +44,29 @@ async def sse(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     hub = request.app[hub_key]
     conn = SseConnection(hub, identity, response, request.transport, channels)
-    hub.attach(conn)
-    try:
-        await conn.send(RETRY)
-        subscriptions = []
-        for channel in channels:
-            after = positions[channel] if positions is not None else None
-            sub, resume = await hub.subscribe(conn, channel, after)
-            if not resume.recovered or (cursor and positions is None):
-                # The reset says where the channel now stands, so a client can fill the gap
-                # from history (and carries no id: it moves no cursor by itself).
-                reset = {"op": "reset", "channel": channel, "offset": resume.offset}
-                await conn.send(sse_message(orjson.dumps(reset)))
-                sub.last_sent = resume.offset
-            conn.position(channel, sub.last_sent)
-            subscriptions.append(sub)
-        await conn.send(f"id: {conn.cursor()}\n\n".encode())  # sets lastEventId, fires no message
-        for sub in subscriptions:
-            await hub.replay(sub)
+    # The client leaving, or the database going away, just ends the stream: the client resumes.
+    with contextlib.suppress(ConnectionError, *DATABASE_DOWN_ERRORS), hub.attached(conn):
+        await follow(hub, conn, channels, cursor)
         await conn.done.wait()
-    except (ConnectionError, *DATABASE_DOWN_ERRORS):
-        pass  # the client left, or the database did: the stream ends and the client resumes
-    finally:
-        hub.detach(conn)
-        conn.ended()
     return response
+
+
+async def follow(hub: Hub, conn: SseConnection, channels: tuple[str, ...], cursor: str | None) -> None:
+    """Subscribe every channel where the cursor left it (or reset it), then replay and go live."""
+    positions = decode_cursor(cursor, channels)
+    await conn.send(RETRY)
+    subscriptions = []
+    for channel in channels:
+        after = positions[channel] if positions is not None else None
+        sub, resume = await hub.subscribe(conn, channel, after)
+        if not resume.recovered or (cursor and positions is None):
+            # The reset says where the channel now stands, so a client can fill the gap
+            # from history (and carries no id: it moves no cursor by itself).
+            reset = {"op": "reset", "channel": channel, "offset": resume.offset}
+            await conn.send(sse_message(orjson.dumps(reset)))
+            sub.last_sent = resume.offset
+        conn.position(channel, sub.last_sent)
+        subscriptions.append(sub)
+    await conn.send(f"id: {conn.cursor()}\n\n".encode())  # sets lastEventId, fires no message
+    for sub in subscriptions:
+        await hub.replay(sub)

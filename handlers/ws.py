@@ -40,10 +40,8 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     )
     await ws.prepare(request)
     hub = request.app[hub_key]
-    conn = WebSocketConnection(hub, identity_of(request), ws, request.transport)
-    hub.attach(conn)
-    session = Session(request, conn)
-    try:
+    with hub.attached(WebSocketConnection(hub, identity_of(request), ws, request.transport)) as conn:
+        session = Session(request, conn)
         await conn.send_json(
             frame(
                 {
@@ -63,9 +61,6 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 await ws.pong(message.data)
             elif message.type == WSMsgType.BINARY:
                 await ws.close(code=1003, message=b"binary frames are not supported")
-    finally:
-        hub.detach(conn)
-        conn.ended()
     return ws
 
 

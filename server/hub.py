@@ -14,8 +14,10 @@ flushed, skipping what history already covered, and the subscription goes live.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -65,8 +67,16 @@ class Hub:
 
     # connections
 
-    def attach(self, conn: Connection) -> None:
+    @contextlib.contextmanager
+    def attached(self, conn: Connection) -> Iterator[Connection]:
+        """A connection's lifetime in the hub: whatever ends it, its subscriptions, timers
+        and tasks go with it (and shutdown can find it meanwhile)."""
         self.connections[conn] = None
+        try:
+            yield conn
+        finally:
+            self.detach(conn)
+            conn.ended()
 
     def detach(self, conn: Connection) -> None:
         self.connections.pop(conn, None)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiojobs
 from aiohttp import web
 
 from server.broker import Broker
-from server.connections import SseConnection, WebSocketConnection
+from server.connections import Connection, SseConnection, WebSocketConnection
 from server.db import DATABASE_DOWN_ERRORS
 from server.events import EventStore
 from server.hub import Hub
@@ -42,8 +42,8 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
         broker.process(),
         presence.report_forever(),
         prune_forever(store, settings.events.prune_interval),
-        ping_sse_forever(hub, settings.realtime.sse_ping),
-        heartbeat_websockets_forever(hub, settings.realtime.heartbeat),
+        beat_forever(hub, settings.realtime.sse_ping, SseConnection, SseConnection.ping),
+        beat_forever(hub, settings.realtime.heartbeat, WebSocketConnection, WebSocketConnection.heartbeat),
         metrics.sync_forever(hub),
     ):
         await scheduler.spawn(job)
@@ -75,17 +75,10 @@ async def prune_forever(store: EventStore, interval: float) -> None:
             log.warning("pruning skipped: %s", type(exc).__name__)
 
 
-async def ping_sse_forever(hub: Hub, interval: float) -> None:
+async def beat_forever(hub: Hub, interval: float, kind: type[Connection], beat: Callable[[Connection], None]) -> None:
+    """Every `interval`, one beat for each open connection of a kind: one loop, no per-socket timer."""
     while True:
         await asyncio.sleep(interval)
         for conn in list(hub.connections):
-            if isinstance(conn, SseConnection) and not conn.closed:
-                conn.ping()
-
-
-async def heartbeat_websockets_forever(hub: Hub, interval: float) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        for conn in list(hub.connections):
-            if isinstance(conn, WebSocketConnection):
-                conn.heartbeat()
+            if isinstance(conn, kind) and not conn.closed:
+                beat(conn)

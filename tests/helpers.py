@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -38,6 +39,18 @@ async def publish(client, token: str, channel: str, data: Any = None, type_: str
     )
     assert resp.status in (200, 201), await resp.text()
     return await resp.json()
+
+
+async def next_events(
+    receive: Callable[[float], Awaitable[dict[str, Any]]], count: int, timeout: float
+) -> list[dict[str, Any]]:
+    """The next `count` event messages, skipping replies, resets and pings."""
+    found = []
+    while len(found) < count:
+        message = await receive(timeout)
+        if message["op"] == "event":
+            found.append(message)
+    return found
 
 
 class WsClient:
@@ -81,12 +94,7 @@ class WsClient:
         return reply
 
     async def events(self, count: int, timeout: float = RECEIVE_TIMEOUT) -> list[dict[str, Any]]:
-        found = []
-        while len(found) < count:
-            message = await self.receive(timeout)
-            if message["op"] == "event":
-                found.append(message)
-        return found
+        return await next_events(self.receive, count, timeout)
 
     async def closed_with(self, timeout: float = RECEIVE_TIMEOUT) -> int | None:
         """Read until the server closes; return the close code."""
@@ -130,12 +138,7 @@ class SseClient:
                 return orjson.loads(fields["data"])
 
     async def events(self, count: int, timeout: float = RECEIVE_TIMEOUT) -> list[dict[str, Any]]:
-        found = []
-        while len(found) < count:
-            message = await self.data(timeout)
-            if message["op"] == "event":
-                found.append(message)
-        return found
+        return await next_events(self.data, count, timeout)
 
     def close(self) -> None:
         self.response.close()
