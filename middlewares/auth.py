@@ -14,21 +14,18 @@ from aiohttp import web
 from aiohttp_session import get_session, session_middleware
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 
-from middlewares.limiter import is_limited
+from middlewares.limiter import charge, is_limited
 from server.auth import Identity
 from server.errors import ApiError, Forbidden, Unauthorized
 from server.keys import (
     identity_key,
-    limiter_key,
     metrics_token_key,
-    ratelimit_key,
     sessions_key,
     settings_key,
     tokens_key,
     users_key,
 )
-from server.limiter import bucket_key, refusal
-from server.net import client_ip, is_tls
+from server.net import is_tls
 from server.secrets import load_or_create_secret
 from server.settings import AuthSettings
 from server.users import identity_for_token
@@ -68,23 +65,12 @@ async def auth_middleware(request: web.Request, handler):
     try:
         request[identity_key] = await identify(request)
     except ApiError:
-        charge_failed_attempt(request)
+        # A refused credential still costs its client IP a token: guessing is limited too
+        # (the limiter middleware runs after this one, keyed by the identity it resolves).
+        if is_limited(request):
+            charge(request, None)
         raise
     return await handler(request)
-
-
-def charge_failed_attempt(request: web.Request) -> None:
-    """On a limited path, a refused credential still costs its client IP a token: guessing
-    is rate limited too (the limiter itself runs after auth, keyed by the identity)."""
-    if not is_limited(request):
-        return
-    settings = request.app[settings_key]
-    ip = client_ip(request, settings.server.trusted_proxies)
-    decision = request.app[limiter_key].take_request(settings.limits, bucket_key(None, ip))
-    if decision is not None:
-        request[ratelimit_key] = decision
-        if not decision.allowed:
-            raise refusal(decision)
 
 
 def is_metrics_token(request: web.Request, header: str) -> bool:

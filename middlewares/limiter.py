@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from server.auth import Identity
 from server.keys import identity_key, limiter_key, ratelimit_key, settings_key
 from server.limiter import bucket_key, refusal
 from server.net import client_ip
@@ -17,19 +18,21 @@ def is_limited(request: web.Request) -> bool:
     return request.path.startswith("/api/") or request.path in REALTIME_PATHS
 
 
-def request_bucket(request: web.Request) -> str:
-    ip = client_ip(request, request.app[settings_key].server.trusted_proxies)
-    return bucket_key(request[identity_key], ip)  # type: ignore[arg-type]
+def charge(request: web.Request, identity: Identity | None) -> None:
+    """One token from the caller's bucket (the user's, else the client IP's); 429 when empty."""
+    settings = request.app[settings_key]
+    key = bucket_key(identity, client_ip(request, settings.server.trusted_proxies))
+    decision = request.app[limiter_key].take_request(settings.limits, key)
+    if decision is not None:
+        request[ratelimit_key] = decision
+        if not decision.allowed:
+            raise refusal(decision)
 
 
 @web.middleware
 async def limiter_middleware(request: web.Request, handler):
     if is_limited(request):
-        decision = request.app[limiter_key].take_request(request.app[settings_key].limits, request_bucket(request))
-        if decision is not None:
-            request[ratelimit_key] = decision
-            if not decision.allowed:
-                raise refusal(decision)
+        charge(request, request[identity_key])  # type: ignore[arg-type]
     return await handler(request)
 
 
