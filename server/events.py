@@ -46,6 +46,10 @@ SELECT j."offset", j.json, {NOTIFY_SQL} FROM j
 """
 
 
+CHANNEL_START = len('{"channel":"')
+LARGE_END = ',"large":true}'
+
+
 def notification_head(payload: str) -> tuple[str, int, bool]:
     """A NOTIFY payload's channel, offset and whether its body was left out (too large).
 
@@ -57,9 +61,6 @@ def notification_head(payload: str) -> tuple[str, int, bool]:
     offset_end = payload.index(",", offset_start)
     return payload[CHANNEL_START:channel_end], int(payload[offset_start:offset_end]), payload.endswith(LARGE_END)
 
-
-CHANNEL_START = len('{"channel":"')
-LARGE_END = ',"large":true}'
 
 SELECT_EVENTS_SQL = f"""SELECT e."offset", {EVENT_JSON_SQL} AS json FROM events e"""
 
