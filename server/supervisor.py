@@ -13,7 +13,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TypeVar
 
 import asyncpg
@@ -121,9 +121,8 @@ def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> i
         def reloaded() -> Settings:
             """SIGHUP: settings read again; the socket, database and secrets stay as they are."""
             fresh = reload() if reload else fixed
-            return with_shared_secrets(
-                replace(fresh, server=replace(fresh.server, host=fixed.server.host, port=fixed.server.port))
-            ).replace("database", url=fixed.database.url)
+            kept = fresh.replace("server", host=fixed.server.host, port=fixed.server.port)
+            return with_shared_secrets(kept.replace("database", url=fixed.database.url))
 
         Supervisor(settings, sock, count, RateLimiter(), reloaded).run()
     log.info("stopped")
