@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 
-from server.logs import configure_logging
+from server.ops.logs import configure_logging
 from server.settings import Settings, SettingsError, load_settings
 
 
@@ -40,8 +40,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def migrate(settings: Settings) -> int:
-    from server import db
-    from server.supervisor import database
+    from server.storage import db
+    from server.process.supervisor import database
 
     with database(settings) as (settings, description):
         applied = asyncio.run(db.migrate(settings.database.url))
@@ -62,8 +62,8 @@ def read_password(from_stdin: bool) -> str:
 
 def createuser(settings: Settings, args: argparse.Namespace) -> int:
     from server.errors import ApiError
-    from server.supervisor import database, with_user_store
-    from server.users import validate_new_user
+    from server.identity.users import validate_new_user
+    from server.process.supervisor import database, with_user_store
 
     try:
         username, password, roles = validate_new_user(args.username, read_password(args.password_stdin), args.roles)
@@ -93,7 +93,7 @@ def main(argv: list[str]) -> int:
     if args.command == "createuser":
         return createuser(settings, args)
     from server.errors import ApiError
-    from server.supervisor import serve
+    from server.process.supervisor import serve
 
     try:
         return serve(settings, reload=lambda: settings_from(args))

@@ -8,8 +8,8 @@ from aiohttp_session import get_session, new_session
 from handlers.http import json_response, read_json_object, require_identity
 from server.errors import Unauthorized, ValidationError
 from server.keys import limiter_key, sessions_key, settings_key, tokens_key, users_key
-from server.limiter import refusal
-from server.net import client_ip
+from server.limits.limiter import refusal
+from server.web.net import client_ip
 
 
 async def login(request: web.Request) -> web.Response:

@@ -6,8 +6,8 @@ from aiohttp import web
 
 from handlers.http import json_response, query_int, require_identity
 from server.errors import ValidationError
+from server.identity.permissions import is_valid_channel, may
 from server.keys import presence_key, rules_key, store_key
-from server.permissions import is_valid_channel, may
 
 SCAN_BATCH = 500
 

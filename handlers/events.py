@@ -5,9 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from handlers.http import identity_of, query_int, read_json_object
-from server.events import StoredEvent, validate_event, validate_idempotency_key
+from server.events.store import StoredEvent, validate_event, validate_idempotency_key
+from server.identity.permissions import check_permission
 from server.keys import rules_key, store_key
-from server.permissions import check_permission
 
 
 def raw_json_response(body: bytes, status: int = 200) -> web.Response:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from handlers.http import json_response
-from server.db import database_ready
 from server.errors import Unavailable
 from server.keys import broker_key, pool_key
+from server.storage.db import database_ready
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from server.auth import Identity
 from server.errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized, UnsupportedMediaType, ValidationError
+from server.identity.auth import Identity
 from server.keys import identity_key
 
 INTEGER = re.compile(r"-?[0-9]{1,19}")

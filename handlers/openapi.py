@@ -1,4 +1,4 @@
-"""GET /api/openapi.json: the REST API described in OpenAPI 3.1 (server/openapi.json)."""
+"""GET /api/openapi.json: the REST API described in OpenAPI 3.1 (server/web/openapi.json)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-DOCUMENT_PATH = Path(__file__).resolve().parent.parent / "server" / "openapi.json"
+DOCUMENT_PATH = Path(__file__).resolve().parent.parent / "server" / "web" / "openapi.json"
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 

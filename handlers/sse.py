@@ -8,13 +8,13 @@ import orjson
 from aiohttp import web
 
 from handlers.http import identity_of
-from server.connections import SseConnection
-from server.db import DATABASE_DOWN_ERRORS
 from server.errors import ValidationError
-from server.hub import Hub
+from server.identity.permissions import check_permission
 from server.keys import hub_key, rules_key, settings_key
-from server.permissions import check_permission
-from server.wire import decode_cursor, sse_message
+from server.realtime.connections import SseConnection
+from server.realtime.hub import Hub
+from server.realtime.wire import decode_cursor, sse_message
+from server.storage.db import DATABASE_DOWN_ERRORS
 
 RETRY = b"retry: 3000\n\n"
 

@@ -6,8 +6,8 @@ from aiohttp import web
 
 from handlers.http import json_response, page_params, read_json_object, require_admin
 from server.errors import NotFound, ValidationError
+from server.identity.users import validate_new_user
 from server.keys import users_key
-from server.users import validate_new_user
 
 
 def user_id_from(request: web.Request) -> int:

@@ -9,15 +9,15 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from handlers.http import decode_json, identity_of
-from server.connections import WebSocketConnection
-from server.db import DATABASE_DOWN_ERRORS
 from server.errors import ApiError, BadRequest, Conflict, Forbidden, ValidationError
-from server.events import validate_event
+from server.events.store import validate_event
+from server.identity.permissions import check_permission
+from server.identity.users import identity_for_token
 from server.keys import hub_key, limiter_key, rules_key, settings_key, store_key, tokens_key, users_key
-from server.limiter import bucket_key, refusal
-from server.net import client_ip
-from server.permissions import check_permission
-from server.users import identity_for_token
+from server.limits.limiter import bucket_key, refusal
+from server.realtime.connections import WebSocketConnection
+from server.storage.db import DATABASE_DOWN_ERRORS
+from server.web.net import client_ip
 
 log = logging.getLogger("herald.ws")
 
@@ -31,7 +31,7 @@ def frame(message: dict[str, Any]) -> bytes:
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     settings = request.app[settings_key].realtime
-    # Pings come from the hub's one heartbeat loop (server/realtime.py), not a timer per
+    # Pings come from the hub's one heartbeat loop (server/realtime/engine.py), not a timer per
     # socket: cheaper, and the pong gets the whole heartbeat that PROTOCOL §10 allows.
     ws = web.WebSocketResponse(
         autoping=False,

@@ -15,8 +15,10 @@ from aiohttp_session import get_session, session_middleware
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 
 from middlewares.limiter import charge, is_limited
-from server.auth import Identity
 from server.errors import ApiError, Forbidden, Unauthorized
+from server.identity.auth import Identity
+from server.identity.secrets import load_or_create_secret
+from server.identity.users import identity_for_token
 from server.keys import (
     identity_key,
     metrics_token_key,
@@ -25,10 +27,8 @@ from server.keys import (
     tokens_key,
     users_key,
 )
-from server.net import is_tls
-from server.secrets import load_or_create_secret
 from server.settings import AuthSettings
-from server.users import identity_for_token
+from server.web.net import is_tls
 
 SESSION_COOKIE = "herald_session"
 QUERY_TOKEN_PATHS = frozenset({"/ws", "/sse"})

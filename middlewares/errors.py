@@ -9,9 +9,9 @@ from http import HTTPStatus
 import orjson
 from aiohttp import web
 
-from server.db import DATABASE_DOWN_ERRORS
 from server.errors import ApiError, code_for_status
 from server.keys import request_id_key
+from server.storage.db import DATABASE_DOWN_ERRORS
 
 log = logging.getLogger("herald.errors")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server.auth import Identity
+from server.identity.auth import Identity
 from server.keys import identity_key, limiter_key, ratelimit_key, settings_key
-from server.limiter import bucket_key, refusal
-from server.net import client_ip
+from server.limits.limiter import bucket_key, refusal
+from server.web.net import client_ip
 
 REALTIME_PATHS = frozenset({"/ws", "/sse"})
 

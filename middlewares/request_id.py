@@ -8,7 +8,7 @@ import uuid
 from aiohttp import web
 
 from server.keys import request_id_key
-from server.logs import request_id_var
+from server.ops.logs import request_id_var
 
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 

@@ -15,8 +15,10 @@ from middlewares.errors import errors_middleware
 from middlewares.limiter import add_ratelimit_headers, limiter_middleware
 from middlewares.request_id import request_id_middleware, set_request_id_header
 from middlewares.security import security_headers
-from server import db
-from server.auth import TokenService
+from server.identity.auth import TokenService
+from server.identity.permissions import compile_rules
+from server.identity.sessions import SessionStore
+from server.identity.users import UserStore
 from server.keys import (
     access_log_key,
     limiter_key,
@@ -29,15 +31,13 @@ from server.keys import (
     tokens_key,
     users_key,
 )
-from server.limiter import RateLimiter
-from server.logs import AccessLog
-from server.metrics import Metrics
-from server.permissions import compile_rules
-from server.realtime import close_connections, realtime_ctx
-from server.sessions import SessionStore
+from server.limits.limiter import RateLimiter
+from server.ops.logs import AccessLog
+from server.ops.metrics import Metrics
+from server.realtime.engine import close_connections, realtime_ctx
 from server.settings import Settings
-from server.static import build_static
-from server.users import UserStore
+from server.storage import db
+from server.web.static import build_static
 
 EXPOSED_HEADERS = ("X-Request-Id", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "Retry-After")
 

@@ -8,19 +8,19 @@ import asyncpg
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from server.auth import TokenService
-    from server.broker import Broker
-    from server.events import EventStore
-    from server.hub import Hub
-    from server.limiter import Decision, RateLimiter
-    from server.logs import AccessLog
-    from server.metrics import Metrics
-    from server.permissions import CompiledRule
-    from server.presence import Presence
-    from server.sessions import SessionStore
+    from server.events.broker import Broker
+    from server.events.store import EventStore
+    from server.identity.auth import TokenService
+    from server.identity.permissions import CompiledRule
+    from server.identity.sessions import SessionStore
+    from server.identity.users import UserStore
+    from server.limits.limiter import Decision, RateLimiter
+    from server.ops.logs import AccessLog
+    from server.ops.metrics import Metrics
+    from server.realtime.hub import Hub
+    from server.realtime.presence import Presence
     from server.settings import Settings
-    from server.static import StaticFiles
-    from server.users import UserStore
+    from server.web.static import StaticFiles
 
 settings_key: web.AppKey[Settings] = web.AppKey("settings_key")
 pool_key = web.AppKey("pool_key", asyncpg.Pool)
@@ -39,6 +39,6 @@ access_log_key: web.AppKey[AccessLog] = web.AppKey("access_log_key")
 
 # Per-request state, set by the middlewares.
 request_id_key = web.RequestKey("request_id_key", str)
-identity_key = web.RequestKey("identity_key", object)  # server.auth.Identity | None
+identity_key = web.RequestKey("identity_key", object)  # server.identity.auth.Identity | None
 ratelimit_key: web.RequestKey[Decision] = web.RequestKey("ratelimit_key")
 metrics_token_key = web.RequestKey("metrics_token_key", bool)  # the caller showed metrics.token

@@ -19,9 +19,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from server import db
-from server.embedded_pg import EmbeddedPostgres
 from server.settings import Settings, build_settings
+from server.storage import db
+from server.storage.embedded_pg import EmbeddedPostgres
 
 TEST_CHANNEL_RULES = [
     {"pattern": "public:*", "subscribe": ["anonymous"], "publish": ["publisher"]},

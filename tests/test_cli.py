@@ -18,8 +18,8 @@ import aiohttp
 import asyncpg
 import pytest
 
-from server import db
-from server.embedded_pg import mask_url
+from server.storage import db
+from server.storage.embedded_pg import mask_url
 from tests.conftest import PostgresServer, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,8 +13,8 @@ import bcrypt
 import pytest
 
 from server.errors import ValidationError
-from server.supervisor import bootstrap_admin
-from server.users import UserStore
+from server.identity.users import UserStore
+from server.process.supervisor import bootstrap_admin
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "s3cret password"

@@ -28,8 +28,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from server.process.supervisor import STOP_GRACE
 from server.settings import NON_SETTING_VARIABLES, SECTIONS, Settings, build_settings
-from server.supervisor import STOP_GRACE
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_PYTHON_SLIM = re.compile(r"^(?:docker\.io/)?(?:library/)?python:3\.\d+(?:\.\d+)?-slim(?:-[a-z]+)?$")
@@ -378,7 +378,7 @@ def test_dockerignore_keeps_local_state_out_and_what_runs_in():
     for path in (".venv", ".git", "var", "var/static", "tests/artifacts", "bench/results", ".pytest_cache", ".env"):
         assert ignored(path, patterns), f"{path} would be sent to the build"
     assert ignored("server/__pycache__/app.cpython-311.pyc", patterns)
-    for path in ("run.py", "settings.toml", "requirements.txt", "static", "server/migrations", "handlers"):
+    for path in ("run.py", "settings.toml", "requirements.txt", "static", "server/storage/migrations", "handlers"):
         assert (ROOT / path).exists()
         assert not ignored(path, patterns), f"{path} is needed in the image"
     for path in runtime_sources():

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from server.app import create_app
-from server.events import notification_head
+from server.events.store import notification_head
 from tests.conftest import wait_for
 from tests.helpers import SseClient, WsClient, bearer, publish, token_for
 

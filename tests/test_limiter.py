@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from server.limiter import PROBES, RateLimiter
-from server.net import client_ip, is_tls
+from server.limits.limiter import PROBES, RateLimiter
+from server.web.net import client_ip, is_tls
 from tests.helpers import PASSWORD, add_user, bearer, login, token_for
 
 RATELIMIT_HEADERS = ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")

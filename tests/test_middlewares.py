@@ -13,7 +13,7 @@ from aiohttp import web
 from handlers.http import json_response, read_json_object
 from server import errors
 from server.app import create_app
-from server.logs import AccessLog
+from server.ops.logs import AccessLog
 
 ERROR_CLASSES = {cls.status: cls for cls in errors.ApiError.__subclasses__()}
 
@@ -206,7 +206,7 @@ async def test_a_crash_is_a_generic_500_and_the_traceback_is_logged_with_the_req
     [record] = [r for r in caplog.records if r.name == "herald.errors"]
     assert record.exc_info
     assert record.exc_info[0] is RuntimeError
-    from server.logs import JsonFormatter
+    from server.ops.logs import JsonFormatter
 
     # The formatter reads the request id from the context; the record carries the traceback.
     assert "secret internal detail" in JsonFormatter().format(record)
@@ -269,7 +269,7 @@ async def test_access_log_redacts_tokens_in_query_strings(tclient, access_stream
 def test_json_formatter_writes_one_json_line_with_the_request_id():
     import orjson
 
-    from server.logs import JsonFormatter, request_id_var
+    from server.ops.logs import JsonFormatter, request_id_var
 
     token = request_id_var.set("rid-7")
     try:

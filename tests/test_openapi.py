@@ -1,4 +1,4 @@
-"""The OpenAPI document (server/openapi.json) kept true: well formed, complete against the
+"""The OpenAPI document (server/web/openapi.json) kept true: well formed, complete against the
 router, and matching what the server really answers.
 
 openapi-spec-validator is not a dependency, so the document is checked structurally here,
@@ -367,8 +367,8 @@ def described_operations() -> set[tuple[str, str]]:
 async def test_every_route_is_described_and_every_description_is_routed(client):
     routed = routed_operations(client.app)
     assert ("/api/openapi.json", "get") in routed
-    assert routed - described_operations() == set(), "routes missing from server/openapi.json"
-    assert described_operations() - routed == set(), "server/openapi.json describes routes that do not exist"
+    assert routed - described_operations() == set(), "routes missing from server/web/openapi.json"
+    assert described_operations() - routed == set(), "server/web/openapi.json describes routes that do not exist"
 
 
 async def test_cors_preflight_routes_are_not_operations(aiohttp_client, settings, make_settings):

@@ -1,12 +1,12 @@
-"""server/permissions.py on its own (PROTOCOL §3): channel names and the [[channels]] rules."""
+"""server/identity/permissions.py on its own (PROTOCOL §3): channel names and the [[channels]] rules."""
 
 from __future__ import annotations
 
 import pytest
 
-from server.auth import Identity
 from server.errors import Forbidden, Unauthorized, ValidationError
-from server.permissions import channel_rule_for, check_permission, compile_rules, is_valid_channel, may
+from server.identity.auth import Identity
+from server.identity.permissions import channel_rule_for, check_permission, compile_rules, is_valid_channel, may
 from server.settings import ChannelRule, SettingsError
 from tests.conftest import TEST_CHANNEL_RULES
 

@@ -14,8 +14,8 @@ from aiohttp.test_utils import TestServer
 
 from server.app import create_app
 from server.keys import hub_key
-from server.realtime import close_connections
-from server.wire import decode_cursor
+from server.realtime.engine import close_connections
+from server.realtime.wire import decode_cursor
 from tests.conftest import wait_for
 from tests.helpers import SseClient, bearer, publish, token_for
 
@@ -24,7 +24,7 @@ DEADLINE = 10.0
 
 
 class ProductionLikeServer(TestServer):
-    """aiohttp's TestServer cancels a handler when its client leaves; server/worker.py's runner
+    """aiohttp's TestServer cancels a handler when its client leaves; server/process/worker.py's runner
     does not (aiohttp's default), so a stream must notice a departed client by itself."""
 
     async def _make_runner(self, **kwargs):

@@ -12,7 +12,7 @@ import brotli
 import pytest
 
 from server.app import create_app
-from server.static import build_static
+from server.web.static import build_static
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
 PAGE_CSP = (

@@ -20,7 +20,7 @@ from aiohttp import WSMsgType
 
 from server.app import create_app
 from server.keys import hub_key, store_key, tokens_key, users_key
-from server.realtime import close_connections
+from server.realtime.engine import close_connections
 from tests.conftest import wait_for
 from tests.helpers import WsClient, add_user, bearer, login, publish, token_for
 

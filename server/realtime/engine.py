@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator, Callable
 import aiojobs
 from aiohttp import web
 
-from server.broker import Broker
-from server.connections import Connection, SseConnection, WebSocketConnection
-from server.db import DATABASE_DOWN_ERRORS
-from server.events import EventStore
-from server.hub import Hub
+from server.events.broker import Broker
+from server.events.store import EventStore
 from server.keys import broker_key, hub_key, metrics_key, pool_key, presence_key, settings_key, store_key, users_key
-from server.presence import Presence
+from server.realtime.connections import Connection, SseConnection, WebSocketConnection
+from server.realtime.hub import Hub
+from server.realtime.presence import Presence
+from server.storage.db import DATABASE_DOWN_ERRORS
 
 log = logging.getLogger("herald.realtime")
 

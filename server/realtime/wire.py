@@ -12,7 +12,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from server.events import StoredEvent
+from server.events.store import StoredEvent
 
 
 def websocket_text_frame(payload: bytes) -> bytes:

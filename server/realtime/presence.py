@@ -14,8 +14,8 @@ import socket
 
 import asyncpg
 
-from server.db import DATABASE_DOWN_ERRORS
-from server.hub import Hub
+from server.realtime.hub import Hub
+from server.storage.db import DATABASE_DOWN_ERRORS
 
 log = logging.getLogger("herald.presence")
 

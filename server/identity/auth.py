@@ -12,7 +12,7 @@ from typing import Any
 import bcrypt
 import jwt
 
-from server.secrets import load_or_create_secret
+from server.identity.secrets import load_or_create_secret
 from server.settings import AuthSettings
 
 BCRYPT_MAX_BYTES = 72

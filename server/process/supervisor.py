@@ -18,15 +18,16 @@ from typing import TypeVar
 
 import asyncpg
 
-from server import db, logs
-from server.embedded_pg import EmbeddedPostgres, mask_url
 from server.errors import Conflict
-from server.limiter import RateLimiter
-from server.metrics import enable_multiprocess, forget_process
-from server.secrets import load_or_create_secret
+from server.identity.secrets import load_or_create_secret
+from server.identity.users import UserStore, validate_new_user
+from server.limits.limiter import RateLimiter
+from server.ops import logs
+from server.ops.metrics import enable_multiprocess, forget_process
+from server.process.worker import run_worker
 from server.settings import Settings
-from server.users import UserStore, validate_new_user
-from server.worker import run_worker
+from server.storage import db
+from server.storage.embedded_pg import EmbeddedPostgres, mask_url
 
 T = TypeVar("T")
 

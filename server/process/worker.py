@@ -12,7 +12,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from server.app import create_app
-from server.limiter import RateLimiter
+from server.limits.limiter import RateLimiter
 from server.settings import Settings
 
 log = logging.getLogger("herald.worker")

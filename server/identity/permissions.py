@@ -8,8 +8,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from server.auth import Identity
 from server.errors import Forbidden, Unauthorized, ValidationError
+from server.identity.auth import Identity
 from server.settings import ChannelRule, SettingsError
 
 CHANNEL_NAME = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
-from server.auth import Identity
-from server.events import StoredEvent
-from server.wire import EncodedEvent, channel_set_tag, encode_cursor, event_payload, http_chunk, sse_message
+from server.events.store import StoredEvent
+from server.identity.auth import Identity
+from server.realtime.wire import EncodedEvent, channel_set_tag, encode_cursor, event_payload, http_chunk, sse_message
 
 if TYPE_CHECKING:
-    from server.hub import Hub, Subscription
+    from server.realtime.hub import Hub, Subscription
 
 CLOSE_TIMEOUT = 5.0
 SSE_PING = b": ping\n\n"

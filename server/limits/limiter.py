@@ -21,8 +21,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from server.auth import Identity
 from server.errors import RateLimited
+from server.identity.auth import Identity
 from server.settings import LimitsSettings
 
 SLOT = struct.Struct("=qdd")  # key hash, tokens, last refill (monotonic seconds)

@@ -15,9 +15,9 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from server.db import DATABASE_DOWN_ERRORS
-from server.events import EVENTS_CHANNEL, EventStore, StoredEvent, notification_head
-from server.users import USER_CHANGES_CHANNEL
+from server.events.store import EVENTS_CHANNEL, EventStore, StoredEvent, notification_head
+from server.identity.users import USER_CHANGES_CHANNEL
+from server.storage.db import DATABASE_DOWN_ERRORS
 
 log = logging.getLogger("herald.broker")
 

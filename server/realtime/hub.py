@@ -21,12 +21,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from server.events import EventStore, StoredEvent
-from server.wire import EncodedEvent
+from server.events.store import EventStore, StoredEvent
+from server.realtime.wire import EncodedEvent
 
 if TYPE_CHECKING:
-    from server.broker import Broker
-    from server.connections import Connection
+    from server.events.broker import Broker
+    from server.realtime.connections import Connection
 
 log = logging.getLogger("herald.hub")
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import asyncpg
 
-from server.auth import Identity, InvalidToken, TokenService, check_password, hash_password, password_problem
 from server.errors import Conflict, Unauthorized, ValidationError
+from server.identity.auth import Identity, InvalidToken, TokenService, check_password, hash_password, password_problem
 
 USERNAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 ROLE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")

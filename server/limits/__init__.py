@@ -1,0 +1,1 @@
+"""What any one caller may take: rate limits shared by every worker process."""

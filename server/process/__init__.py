@@ -1,0 +1,1 @@
+"""The serving process tree: the supervisor and its workers."""

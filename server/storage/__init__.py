@@ -1,0 +1,1 @@
+"""The database: the asyncpg pool, the numbered migrations, and the embedded PostgreSQL."""

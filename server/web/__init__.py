@@ -1,0 +1,1 @@
+"""HTTP plumbing shared by handlers and middlewares: static files, client addresses, the OpenAPI document."""
