@@ -11,6 +11,7 @@ from aiohttp import web
 from handlers import auth, channels, events, health, metrics, openapi, sse, static, users, ws
 from middlewares.access_log import access_log_middleware
 from middlewares.auth import auth_middleware, herald_session_middleware
+from middlewares.cors import cors_on_router_errors
 from middlewares.errors import errors_middleware
 from middlewares.limiter import add_ratelimit_headers, limiter_middleware
 from middlewares.request_id import request_id_middleware, set_request_id_header
@@ -122,3 +123,5 @@ def enable_cors(app: web.Application, settings: Settings) -> None:
     for route in list(app.router.routes()):
         if not isinstance(route.resource, web.StaticResource):
             cors.add(route)
+    # After aiohttp-cors's own hook, so it only fills in what that one left out.
+    app.on_response_prepare.append(cors_on_router_errors(settings.cors.origins, EXPOSED_HEADERS))

@@ -90,6 +90,7 @@ class LimitsSettings:
     rate: float = 50.0
     burst: int = 100
     login_rate: int = 5
+    json_depth: int = 64  # deepest nesting of arrays/objects accepted in a JSON body or WebSocket message
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +144,9 @@ SECTIONS: dict[str, type] = {
     for f in dataclasses.fields(Settings)
     if f.name != "channels"
 }
+
+# The decoders (stdlib json, orjson's encoder) recurse; far below their limits.
+MAX_JSON_DEPTH = 255
 
 # Numeric keys that may be zero; every other number must be positive.
 ZERO_ALLOWED = {"limits.rate", "cors.max_age"}
@@ -326,6 +330,8 @@ def _check_cross_field(settings: Settings) -> None:
         raise SettingsError("auth.bcrypt_rounds", "must be between 4 and 31")
     if settings.limits.burst < 1:
         raise SettingsError("limits.burst", "must be at least 1")
+    if not 1 <= settings.limits.json_depth <= MAX_JSON_DEPTH:
+        raise SettingsError("limits.json_depth", f"must be between 1 and {MAX_JSON_DEPTH}")
     for proxy in settings.server.trusted_proxies:
         try:
             ipaddress.ip_network(proxy, strict=False)

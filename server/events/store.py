@@ -13,6 +13,7 @@ import asyncpg
 
 from server.errors import Conflict, ValidationError
 from server.settings import EventsSettings
+from server.storage.db import committed_connection
 
 EVENTS_CHANNEL = "herald_events"  # the NOTIFY channel every process LISTENs on
 NOTIFY_LIMIT = 7900  # bytes; PostgreSQL refuses payloads of 8000 and more
@@ -119,11 +120,12 @@ class EventStore:
         assigned in commit order and NOTIFY delivers them in that order.
         """
         if idempotency_key is None:
-            row = await self.pool.fetchrow(PUBLISH_SQL, channel, event_type, data)
+            async with committed_connection(self.pool) as conn:
+                row = await conn.fetchrow(PUBLISH_SQL, channel, event_type, data)
             self.on_published()
             return StoredEvent(channel, row["offset"], row["json"]), True
         fingerprint = hashlib.sha256(f"{event_type}\n{data}".encode()).digest()
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with committed_connection(self.pool) as conn, conn.transaction():
             # Take the channel lock first: a concurrent duplicate then waits here and
             # sees the first one's key once it commits.
             await conn.execute(

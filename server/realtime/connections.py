@@ -190,6 +190,8 @@ class SseConnection(Connection):
 
     def ping(self) -> None:
         """The keep-alive comment, and the only way to learn that an idle client left."""
+        if not self.response.prepared:
+            return  # still fixing its starting positions: no headers sent yet (handlers/sse.py)
         if self.transport is None or self.transport.is_closing():
             self.close(1000, "client left")
             return

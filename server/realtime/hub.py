@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -64,6 +64,9 @@ class Hub:
         self.counts_changed = asyncio.Event()
         self.delivered: Counter[str] = Counter()  # per transport kind
         self.slow_closes = 0
+        # Tests only: awaited inside subscribe(), after registering and before reading where the
+        # channel stands, so a test can hold a subscription there and make the start race happen.
+        self.subscribe_hook: Callable[[Connection, str], Awaitable[None]] | None = None
 
     # connections
 
@@ -103,6 +106,8 @@ class Hub:
         conn.subscriptions[channel] = sub
         self.counts_changed.set()
         try:
+            if self.subscribe_hook is not None:
+                await self.subscribe_hook(conn, channel)
             if self.broker is not None:
                 await self.broker.serve(channel)
             state = await self.store.state(channel)
