@@ -43,16 +43,21 @@ async def sse(request: web.Request) -> web.StreamResponse:
         response.enable_chunked_encoding()
     hub = request.app[hub_key]
     conn = SseConnection(hub, identity, response, request.transport, channels)
-    with hub.attached(conn):
+    # The client leaving, or the database going away, just ends the stream: the client resumes.
+    with hub.attached(conn), contextlib.suppress(ConnectionError, *DATABASE_DOWN_ERRORS):
         # PROTOCOL §10a: the stream is open when the headers arrive, and every event committed
         # after that must reach it; so the starting positions are fixed before prepare(). Live
-        # events meanwhile buffer in the subscriptions. A database error here is still a 503.
-        subscriptions = await subscribe_all(hub, conn, channels, cursor)
-        # The client leaving, or the database going away, just ends the stream: the client resumes.
-        with contextlib.suppress(ConnectionError, *DATABASE_DOWN_ERRORS):
+        # events meanwhile buffer in the subscriptions.
+        try:
+            subscriptions = await subscribe_all(hub, conn, channels, cursor)
+        except DATABASE_DOWN_ERRORS:
+            # Not a 503: EventSource gives up on one, and comes back after a stream that ends.
             await response.prepare(request)
-            await start(hub, conn, subscriptions)
-            await conn.done.wait()
+            await conn.send(RETRY)
+            raise
+        await response.prepare(request)
+        await start(hub, conn, subscriptions)
+        await conn.done.wait()
     return response
 
 
