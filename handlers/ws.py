@@ -172,6 +172,11 @@ def parse(text: str, max_depth: int) -> dict[str, Any]:
     message = decode_json(text, max_depth)
     if not isinstance(message, dict):
         raise BadRequest("A message must be a JSON object with an op")
-    if not isinstance(message.get("id"), SCALARS):
+    message_id = message.get("id")
+    if not isinstance(message_id, SCALARS):
         raise BadRequest("id must be a JSON scalar")
+    try:
+        orjson.dumps(message_id)  # echoed in the reply: a lone surrogate or a huge integer could not be
+    except orjson.JSONEncodeError:
+        raise BadRequest("id must be a string of valid Unicode or a 64-bit number") from None
     return message

@@ -189,3 +189,13 @@ async def test_a_websocket_publish_larger_than_body_bytes_is_payload_too_large(m
     assert reply["op"] == "error" and reply["code"] == "payload_too_large", reply
     assert await stored_count(client, "news") == 2
     assert (await ws.request("ping"))["op"] == "pong"
+
+
+@pytest.mark.parametrize("raw_id", [str(2**64), str(-(2**63) - 1), '"\\ud800"', "1" + "0" * 400])
+async def test_a_websocket_id_that_cannot_be_echoed_is_an_error_reply(client, raw_id):
+    """Found by the fuzz test: the reply's id made orjson raise, and the connection died."""
+    ws = await WsClient.connect(client)
+    await ws.ws.send_str('{"op":"ping","id":' + raw_id + "}")
+    reply = await ws.receive()
+    assert (reply["op"], reply["code"], reply["id"]) == ("error", "bad_request", None), reply
+    assert (await ws.request("ping"))["op"] == "pong"
