@@ -40,8 +40,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def migrate(settings: Settings) -> int:
-    from server.storage import db
     from server.process.supervisor import database
+    from server.storage import db
 
     with database(settings) as (settings, description):
         applied = asyncio.run(db.migrate(settings.database.url))
@@ -88,6 +88,16 @@ def main(argv: list[str]) -> int:
     except SettingsError as exc:
         print(f"herald: bad setting {exc}", file=sys.stderr)
         return 2
+    from server.storage.embedded_pg import EmbeddedPostgresError
+
+    try:
+        return run_command(settings, args)
+    except EmbeddedPostgresError as exc:  # one line naming the data dir and the cause, as for a bad setting
+        print(f"herald: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_command(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "migrate":
         return migrate(settings)
     if args.command == "createuser":

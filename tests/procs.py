@@ -73,7 +73,9 @@ class Herald:
         name: str = "herald",
         secrets_dir: Path | None = None,
         limits: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
     ) -> Herald:
+        """`database_url` "" means the embedded PostgreSQL (pass HERALD_DATABASE_DATA_DIR in `env`)."""
         directory.mkdir(parents=True, exist_ok=True)
         settings = write_settings(directory / f"{name}.toml", limits)
         port = free_port()
@@ -85,6 +87,7 @@ class Herald:
             HERALD_AUTH_SECRETS_DIR=str(secrets_dir or directory / "secrets"),
             HERALD_SERVER_SHUTDOWN_TIMEOUT="5",
             HERALD_REALTIME_SSE_PING="0.5",
+            **(env or {}),
         )
         log_path = directory / f"{name}.stderr.log"
         command = [sys.executable, "run.py", "serve", "--settings", str(settings)]
