@@ -60,7 +60,8 @@ def query_int(request: web.Request, name: str, default: int | None, low: int, hi
     if raw is None or raw == "":
         return default
     if not INTEGER.fullmatch(raw):  # int() also takes " 5", "+5", "1_0" and non-ASCII digits
-        raise BadRequest(f"Query parameter {name} must be an integer", errors=[{"field": name, "message": "must be an integer"}])
+        problem = {"field": name, "message": "must be an integer"}
+        raise BadRequest(f"Query parameter {name} must be an integer", errors=[problem])
     value = int(raw) if len(raw.lstrip("-")) <= INTEGER_DIGITS else None
     if value is None or not low <= value <= high:
         raise ValidationError.field(name, f"must be between {low} and {high}")

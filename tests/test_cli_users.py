@@ -175,7 +175,8 @@ async def test_the_generated_password_is_one_line_on_stderr_and_not_in_the_logs(
     [line] = [line for line in err.splitlines() if "first start" in line]
     password = line.split("with password ")[1].split("'")[1]
     assert await users.authenticate("admin", password) is not None
-    assert line.startswith("*") and line.endswith("*")
+    assert line.startswith("*")
+    assert line.endswith("*")
     assert password not in caplog.text
 
 
