@@ -22,6 +22,7 @@ from server.identity.sessions import SessionStore
 from server.identity.users import UserStore
 from server.keys import (
     access_log_key,
+    drain_key,
     limiter_key,
     metrics_key,
     pool_key,
@@ -35,6 +36,7 @@ from server.keys import (
 from server.limits.limiter import RateLimiter
 from server.ops.logs import AccessLog
 from server.ops.metrics import Metrics
+from server.process.drain import Drain
 from server.realtime.engine import close_connections, realtime_ctx
 from server.settings import Settings
 from server.storage import db
@@ -75,6 +77,8 @@ def create_app(
     app.on_response_prepare.append(set_request_id_header)
     app.on_response_prepare.append(security_headers(settings.server.trusted_proxies))
     app.on_response_prepare.append(add_ratelimit_headers)
+    app[drain_key] = Drain()
+    app.on_response_prepare.append(app[drain_key].on_response_prepare)
 
     add_routes(app)
     enable_cors(app, settings)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from server.limits.limiter import Decision, RateLimiter
     from server.ops.logs import AccessLog
     from server.ops.metrics import Metrics
+    from server.process.drain import Drain
     from server.realtime.hub import Hub
     from server.realtime.presence import Presence
     from server.settings import Settings
@@ -36,6 +37,7 @@ limiter_key: web.AppKey[RateLimiter] = web.AppKey("limiter_key")
 metrics_key: web.AppKey[Metrics] = web.AppKey("metrics_key")
 static_key: web.AppKey[StaticFiles] = web.AppKey("static_key")
 access_log_key: web.AppKey[AccessLog] = web.AppKey("access_log_key")
+drain_key: web.AppKey[Drain] = web.AppKey("drain_key")
 
 # Per-request state, set by the middlewares.
 request_id_key = web.RequestKey("request_id_key", str)
