@@ -17,6 +17,7 @@ import orjson
 from server.app import create_app
 from server.keys import tokens_key
 from server.process.worker import serve_app
+from server.storage import db
 from tests.conftest import wait_for
 from tests.helpers import add_user
 
@@ -112,7 +113,7 @@ async def test_a_request_on_an_idle_keep_alive_connection_of_a_retiring_worker_i
 async def test_a_request_in_flight_when_the_worker_retires_is_answered_with_connection_close(settings, database_url):
     worker = Worker(settings)
     await worker.start()
-    admin = await asyncpg.connect(database_url)
+    admin = await db.connect(database_url)
     try:
         user = await add_user_on(worker, "pub", ("publisher",))
         token = worker.app[tokens_key].issue(str(user.id), user.username, user.roles)
