@@ -58,6 +58,9 @@ class Hub:
     def __init__(self, store: EventStore, outbound_limit: int) -> None:
         self.store = store
         self.outbound_limit = outbound_limit
+        # Unsent bytes a transport may hold before events wait in the connection's own backlog
+        # (server/realtime/connections.py), which a slow close can still drop.
+        self.soft_limit = max(16384, outbound_limit // 8)
         self.broker: Broker | None = None
         self.channels: dict[str, dict[Connection, Subscription]] = {}
         self.connections: dict[Connection, None] = {}
