@@ -11,7 +11,8 @@ from typing import Any
 
 import asyncpg
 
-from server.errors import Conflict, Unavailable, ValidationError
+from server.errors import Conflict, ValidationError
+from server.events.committer import GroupCommitter, Item
 from server.settings import EventsSettings
 
 NOTIFY_LIMIT = 7900  # bytes; PostgreSQL refuses payloads of 8000 and more (store_event keeps to it)
@@ -31,11 +32,6 @@ def events_channel(schema: str) -> str:
 # The event's JSON text is built once, in SQL (event_json, migration 130), so the
 # publisher's response, the NOTIFY payload and every subscriber's frame are the same bytes.
 EVENT_JSON_SQL = 'event_json(e.channel, e."offset", e.type, e.data, e.time)'
-
-# Every Herald publish goes through publish_batch, which stores each item with
-# store_event: the one definition of storing an event, shared with SQL publishers.
-PUBLISH_BATCH_SQL = "SELECT item, status, stored_offset, stored_json FROM publish_batch($1, $2, $3, $4, $5, $6, $7, $8)"
-
 
 CHANNEL_START = len('{"channel":"')
 LARGE_END = ',"large":true}'
@@ -98,23 +94,20 @@ def fingerprint(event_type: str, data: str) -> bytes:
     return hashlib.sha256(f"{event_type}\n{data}".encode()).digest()
 
 
-def channel_busy() -> Unavailable:
-    return Unavailable("The channel is held by an open database transaction; try again later")
-
-
 class EventStore:
     def __init__(
         self,
         pool: asyncpg.Pool,
         settings: EventsSettings,
-        on_published: Callable[[], None] = lambda: None,
+        on_published: Callable[[int], None] = lambda count: None,
         *,
         publish_wait: float = 5.0,
     ) -> None:
         self.pool = pool
         self.settings = settings
-        self.on_published = on_published
-        self.publish_wait_ms = max(1, round(publish_wait * 1000))
+        # Every Herald publish is group-committed through publish_batch, which stores each
+        # item with store_event: the one definition of storing an event (SQL publishers too).
+        self.committer = GroupCommitter(pool, publish_wait, on_published)
 
     async def publish(
         self, channel: str, event_type: str, data: str, idempotency_key: str | None = None
@@ -126,27 +119,15 @@ class EventStore:
         SQL transaction on the channel it waits publish_wait at most, then 503.
         """
         key_print = fingerprint(event_type, data) if idempotency_key is not None else None
-        try:
-            rows = await self.pool.fetch(
-                PUBLISH_BATCH_SQL,
-                [0],
-                [channel],
-                [event_type],
-                [data],
-                [idempotency_key],
-                [key_print],
-                self.publish_wait_ms,
-                False,
-            )
-        except asyncpg.exceptions.LockNotAvailableError:
-            raise channel_busy() from None
-        row = rows[0]
-        if row["status"] == "conflict":
+        (outcome,) = await self.committer.publish([Item(channel, event_type, data)], idempotency_key, key_print)
+        if outcome.status == "conflict":
             raise Conflict("This Idempotency-Key was used with a different body")
-        created = row["status"] == "new"
-        if created:
-            self.on_published()
-        return StoredEvent(channel, row["stored_offset"], row["stored_json"]), created
+        return StoredEvent(channel, outcome.offset, outcome.json), outcome.status == "new"
+
+    async def publish_many(self, items: list[tuple[str, str, str]]) -> list[StoredEvent]:
+        """Store (channel, type, data) items all or none, one request: offsets in request order."""
+        outcomes = await self.committer.publish([Item(*item) for item in items])
+        return [StoredEvent(item[0], o.offset, o.json) for item, o in zip(items, outcomes, strict=True)]
 
     async def _event(self, conn: asyncpg.Connection, channel: str, offset: int) -> StoredEvent | None:
         row = await conn.fetchrow(f'{SELECT_EVENTS_SQL} WHERE e.channel = $1 AND e."offset" = $2', channel, offset)
