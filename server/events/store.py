@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import orjson
 
 from server.errors import Conflict, ValidationError
-from server.events.committer import GroupCommitter, Item
+from server.events.committer import GroupCommitter, Item, channel_busy
 from server.settings import EventsSettings
 
 NOTIFY_LIMIT = 7900  # bytes; PostgreSQL refuses payloads of 8000 and more (store_event keeps to it)
@@ -108,6 +109,7 @@ class EventStore:
         # Every Herald publish is group-committed through publish_batch, which stores each
         # item with store_event: the one definition of storing an event (SQL publishers too).
         self.committer = GroupCommitter(pool, publish_wait, on_published)
+        self.on_published = on_published
 
     async def publish(
         self, channel: str, event_type: str, data: str, idempotency_key: str | None = None
@@ -128,6 +130,34 @@ class EventStore:
         """Store (channel, type, data) items all or none, one request: offsets in request order."""
         outcomes = await self.committer.publish([Item(*item) for item in items])
         return [StoredEvent(item[0], o.offset, o.json) for item, o in zip(items, outcomes, strict=True)]
+
+    async def publish_keyed(self, scope: str, key: str, items: list[tuple[str, str, str]]) -> tuple[bytes, bool]:
+        """A batch request with an Idempotency-Key: its answer's body, and whether it is new.
+
+        The key and the events commit together, outside the group commit (the key's row is
+        the lock that makes a concurrent duplicate wait for the first one's answer).
+        """
+        key_print = hashlib.sha256(orjson.dumps(items)).digest()
+        channels, types, datas = (list(column) for column in zip(*items, strict=True))
+        try:
+            row = await self.pool.fetchrow(
+                "SELECT out_status, out_response FROM publish_request($1, $2, $3, $4, $5, $6, $7)",
+                scope,
+                key,
+                key_print,
+                channels,
+                types,
+                datas,
+                self.committer.wait_ms,
+            )
+        except asyncpg.exceptions.LockNotAvailableError:
+            raise channel_busy() from None
+        if row["out_status"] == "conflict":
+            raise Conflict("This Idempotency-Key was used with a different body")
+        created = row["out_status"] == "new"
+        if created:
+            self.on_published(len(items))
+        return row["out_response"].encode(), created
 
     async def _event(self, conn: asyncpg.Connection, channel: str, offset: int) -> StoredEvent | None:
         row = await conn.fetchrow(f'{SELECT_EVENTS_SQL} WHERE e.channel = $1 AND e."offset" = $2', channel, offset)
@@ -183,6 +213,7 @@ class EventStore:
                     self.settings.history_size,
                 )
                 await conn.execute("DELETE FROM idempotency_keys WHERE created_at < now() - interval '24 hours'")
+                await conn.execute("DELETE FROM request_keys WHERE created_at < now() - interval '24 hours'")
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", PRUNE_LOCK)
         return int(by_age.split()[-1]) + int(by_count.split()[-1])
