@@ -74,6 +74,11 @@ class GroupCommitter:
         # Tests hold a flight here to make publishes gather behind it.
         self.before_flight: Callable[[list[Request]], object] | None = None
 
+    @property
+    def pending(self) -> int:
+        """Requests gathered for the next flight."""
+        return len(self._pending)
+
     async def publish(
         self, items: Sequence[Item], key: str | None = None, fingerprint: bytes | None = None
     ) -> list[Outcome]:
