@@ -134,41 +134,13 @@ LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 #variable_conflict use_column
 DECLARE
     locked text[];
-    new_channel text;
     busy_requests integer[] := '{}';
     previous record;
 BEGIN
-    -- Rows for new channels first, in name order. Only the missing ones: an upsert would
-    -- wait on a row another transaction holds, the very wait SKIP LOCKED below avoids. A
-    -- channel whose first event an open transaction is storing cannot be created without
-    -- waiting for it: with p_skip_locked, such a channel is left out (and comes back busy).
-    IF p_skip_locked THEN
-        PERFORM set_config('lock_timeout', '20ms', true);
-        BEGIN
-            INSERT INTO channels (name, last_offset)
-                SELECT DISTINCT c, 0 FROM unnest(p_channels) AS c
-                WHERE NOT EXISTS (SELECT 1 FROM channels WHERE name = c) ORDER BY 1
-                ON CONFLICT (name) DO NOTHING;
-        EXCEPTION WHEN lock_not_available THEN
-            FOR new_channel IN
-                SELECT DISTINCT c FROM unnest(p_channels) AS c
-                WHERE NOT EXISTS (SELECT 1 FROM channels WHERE name = c) ORDER BY 1
-            LOOP
-                BEGIN
-                    INSERT INTO channels (name, last_offset) VALUES (new_channel, 0) ON CONFLICT (name) DO NOTHING;
-                EXCEPTION WHEN lock_not_available THEN
-                    NULL;
-                END;
-            END LOOP;
-        END;
-    END IF;
     PERFORM set_config('lock_timeout', p_wait_ms || 'ms', true);
-    IF NOT p_skip_locked THEN
-        INSERT INTO channels (name, last_offset)
-            SELECT DISTINCT c, 0 FROM unnest(p_channels) AS c
-            WHERE NOT EXISTS (SELECT 1 FROM channels WHERE name = c) ORDER BY 1
-            ON CONFLICT (name) DO NOTHING;
-    END IF;
+    INSERT INTO channels (name, last_offset)
+        SELECT DISTINCT c, 0 FROM unnest(p_channels) AS c ORDER BY 1
+        ON CONFLICT (name) DO NOTHING;
     IF p_skip_locked THEN
         SELECT coalesce(array_agg(l.name), '{}') INTO locked
             FROM (SELECT name FROM channels WHERE name = ANY (p_channels) ORDER BY name FOR UPDATE SKIP LOCKED) l;
