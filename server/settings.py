@@ -96,6 +96,8 @@ class LimitsSettings:
     burst: int = 100
     login_rate: int = 5
     json_depth: int = 64  # deepest nesting of arrays/objects accepted in a JSON body or WebSocket message
+    batch_events: int = 1000  # events of one POST /api/events, channels of one POST /api/broadcast
+    batch_body_bytes: int = 1048576  # body limit of those two endpoints (instead of body_bytes)
 
 
 @dataclass(frozen=True, slots=True)
