@@ -91,7 +91,14 @@ TARGETS = [
     Target("login name", "/api/auth/login", None, lambda v: {"username": v, "password": "correct horse battery"}),
     Target("create user", "/api/users", "admin", lambda v: {"username": v, "password": v, "roles": v}),
     Target("create user name", "/api/users", "admin", lambda v: {"username": v, "password": "long enough 1"}),
-    # The batch endpoints (PROTOCOL §11) are one line each here once they exist.
+    Target("batch publish", "/api/events", "publisher", lambda v: {"events": [{"channel": CHANNEL, "data": v}, v]}),
+    Target(
+        "batch publish event",
+        "/api/events",
+        "publisher",
+        lambda v: {"events": [{"channel": CHANNEL, "data": 1, "type": v}]},
+    ),
+    Target("broadcast", "/api/broadcast", "publisher", lambda v: {"channels": [CHANNEL, v], "data": v}),
 ]
 
 bodies = st.one_of(
