@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -174,11 +175,14 @@ async def test_the_generated_password_is_one_line_on_stderr_and_not_in_the_logs(
     await bootstrap_admin(users, {})
     err = capsys.readouterr().err
     [line] = [line for line in err.splitlines() if "first start" in line]
-    password = line.split("with password ")[1].split("'")[1]
+    entry = json.loads(line)  # stderr stays JSON lines (PROTOCOL §7)
+    assert (entry["level"], entry["logger"]) == ("warning", "herald.first_start")
+    message = entry["message"]
+    assert message.startswith("*")
+    assert message.endswith("*")
+    password = message.split("with password ")[1].split("'")[1]
     assert await users.authenticate("admin", password) is not None
-    assert line.startswith("*")
-    assert line.endswith("*")
-    assert password not in caplog.text
+    assert password not in caplog.text  # not through logging
 
 
 async def test_bootstrap_validates_like_any_new_user(users):

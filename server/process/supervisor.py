@@ -71,15 +71,17 @@ FIRST_ADMIN = "admin"
 
 
 def announce_first_admin(username: str, password: str) -> None:
-    """The generated password, once, on stderr only: not through logging, whose lines may be
-    shipped and kept elsewhere; a start that finds a user never shows it again."""
+    """The generated password, once, on stderr only: one JSON line like every other there
+    (PROTOCOL §7), its message framed so it stands out, but written directly, not through
+    logging, whose handlers may ship lines elsewhere; a start that finds a user never shows it."""
     banner = "*" * 12
-    print(
-        f"{banner} herald: first start: created the admin user {username!r} with password {password!r};"
-        f" it is shown only this once: sign in and replace it (README, First start) {banner}",
-        file=sys.stderr,
-        flush=True,
+    message = (
+        f"{banner} first start: created the admin user {username!r} with password {password!r};"
+        f" it is shown only this once: sign in and replace it (README, First start) {banner}"
     )
+    record = logging.makeLogRecord({"name": "herald.first_start", "levelno": logging.WARNING, "msg": message})
+    record.levelname = "WARNING"
+    print(logs.JsonFormatter().format(record), file=sys.stderr, flush=True)
 
 
 async def bootstrap_admin(
