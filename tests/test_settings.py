@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 
-from server.settings import IssuerSettings, SECTIONS, ChannelRule, Settings, SettingsError, build_settings, load_settings
+from server.settings import (
+    SECTIONS,
+    ChannelRule,
+    IssuerSettings,
+    Settings,
+    SettingsError,
+    build_settings,
+    load_settings,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "settings.toml"

@@ -34,6 +34,7 @@ REFRESH_INTERVAL = 300.0  # seconds: a JWKS is also re-read this often, so remov
 JWKS_TIMEOUT = 5.0
 JWKS_MAX_BYTES = 1 << 20
 MAX_SUB_LENGTH = 256
+MIN_RSA_BITS = 2048  # NIST SP 800-131A; a shorter key in a JWKS is skipped, in a PEM file refused
 REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub"]
 
 # Which kind of key each algorithm verifies with (JWK `kty`).
@@ -57,6 +58,8 @@ class IssuerKey:
 
 def kty_of_public_key(key: Any) -> str:
     if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise ValueError(f"an RSA key of {key.key_size} bits is too short (at least {MIN_RSA_BITS})")
         return "RSA"
     if isinstance(key, ec.EllipticCurvePublicKey):
         return "EC"
@@ -81,12 +84,13 @@ def keys_from_jwks(data: bytes | str) -> list[IssuerKey]:
             continue  # encryption keys and shared secrets have no place in a public key set
         try:
             parsed = jwt.PyJWK(jwk)
-        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
-            log.warning("skipping a JWK that cannot be used (kid %r)", jwk.get("kid"))
+            kty = kty_of_public_key(parsed.key)
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
+            log.warning("skipping a JWK that cannot be used (kid %r): %s", jwk.get("kid"), exc)
             continue
         kid = jwk.get("kid") if isinstance(jwk.get("kid"), str) else None
         alg = jwk.get("alg") if isinstance(jwk.get("alg"), str) else None
-        keys.append(IssuerKey(kid, jwk["kty"], parsed.key, alg))
+        keys.append(IssuerKey(kid, kty, parsed.key, alg))
     if not keys:
         raise ValueError("the JWKS holds no usable signature key")
     return keys
