@@ -29,7 +29,7 @@ from server.identity.identify import Authenticator
 from server.identity.issuers import Issuers
 from server.identity.revocations import Revocations
 from server.identity.users import UserStore
-from server.keys import issuers_key, pool_key, tokens_key, users_key
+from server.keys import issuers_key, pool_key, revocations_key, tokens_key, users_key
 from server.settings import AuthSettings, IssuerSettings, SettingsError
 from tests.conftest import wait_for
 from tests.helpers import SseClient, WsClient, add_user, bearer, publish, token_for
@@ -599,3 +599,28 @@ def test_issuers_must_differ_and_key_files_must_hold_usable_keys(make_settings, 
         )
     with pytest.raises(SettingsError, match="HERALD_AUTH_ISSUERS"):
         make_settings(environ={"HERALD_AUTH_ISSUERS": "x"})
+
+
+async def test_expired_revocations_are_pruned_and_refuse_nothing(bed):
+    revocations = bed.client.app[revocations_key]
+    pool = bed.client.app[pool_key]
+    now = int(time.time())
+    await pool.execute(
+        "INSERT INTO revocations (identity_id, revoked_at, expires_at)"
+        " VALUES ('hs256:old', $1, $2), ('hs256:new', $1, $3)",
+        now - 10,
+        now - 5,
+        now + 3600,
+    )
+    await revocations.reload()
+    assert await revocations.prune() == 1
+    assert await pool.fetchval("SELECT array_agg(identity_id) FROM revocations") == ["hs256:new"]
+    assert (await me(bed.client, bed.token("HS256", sub="old", iat=now - 20))).status == 200
+    assert (await me(bed.client, bed.token("HS256", sub="new", iat=now - 20))).status == 401
+
+
+async def test_a_revocation_lasts_as_long_as_the_longest_token_any_verifier_accepts(bed):
+    admin = await admin_headers(bed.client)
+    assert (await bed.client.post("/api/revocations", json={"id": "hs256:u1"}, headers=admin)).status == 204
+    row = await bed.client.app[pool_key].fetchrow("SELECT revoked_at, expires_at FROM revocations")
+    assert row["expires_at"] - row["revoked_at"] == 86400  # max_token_ttl's default, over token_ttl (3600)
