@@ -37,7 +37,9 @@ REVOCATION_PRUNE_INTERVAL = 60.0  # seconds
 async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[settings_key]
     metrics = app[metrics_key]
-    store = app[store_key] = EventStore(app[pool_key], settings.events, on_published=metrics.published.inc)
+    store = app[store_key] = EventStore(
+        app[pool_key], settings.events, on_published=metrics.published.inc, publish_wait=settings.database.publish_wait
+    )
     hub = app[hub_key] = Hub(store, settings.realtime.outbound_buffer)
     presence = app[presence_key] = Presence(app[pool_key], hub)
 
@@ -52,7 +54,12 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
                 conn.close(4403, "user removed or disabled")
 
     broker = app[broker_key] = Broker(
-        settings.database.url, store, hub.dispatch, on_user_change, on_reconnect=app[revocations_key].reload
+        settings.database.url,
+        store,
+        hub.dispatch,
+        on_user_change,
+        schema=settings.database.schema,
+        on_reconnect=app[revocations_key].reload,
     )
     hub.broker = broker
     scheduler = aiojobs.Scheduler(close_timeout=2)
