@@ -38,10 +38,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_settings(path: Path, limits: dict[str, Any] | None = None) -> Path:
+def write_settings(path: Path, limits: dict[str, Any] | None = None, extra: str = "") -> Path:
+    """`extra`: more TOML (arrays of tables such as [[auth.issuers]]) after the channel rules."""
     lines = ["[database]", "pool_size = 4", "[limits]"]
     lines += [f"{key} = {value}" for key, value in {**GENEROUS_LIMITS, **(limits or {})}.items()]
-    path.write_text("\n".join(lines) + "\n" + CHANNEL_RULES)
+    path.write_text("\n".join(lines) + "\n" + CHANNEL_RULES + extra)
     return path
 
 
@@ -74,10 +75,11 @@ class Herald:
         secrets_dir: Path | None = None,
         limits: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
+        extra_settings: str = "",
     ) -> Herald:
         """`database_url` "" means the embedded PostgreSQL (pass HERALD_DATABASE_DATA_DIR in `env`)."""
         directory.mkdir(parents=True, exist_ok=True)
-        settings = write_settings(directory / f"{name}.toml", limits)
+        settings = write_settings(directory / f"{name}.toml", limits, extra_settings)
         port = free_port()
         env = child_env(
             DATABASE_URL=database_url,
