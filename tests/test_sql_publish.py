@@ -352,6 +352,28 @@ async def test_a_rest_publish_behind_an_open_sql_transaction_gives_up_after_publ
     assert (await publish(client, token, "public:held", "later"))["offset"] == 2
 
 
+async def test_batch_publishes_behind_an_open_sql_transaction_give_up_and_store_nothing(make_client, shop):
+    client = await make_client({"database": {"publish_wait": 0.3}})
+    token = await token_for(client, "pub", ("publisher",))
+    body = {"events": [{"channel": "public:other", "data": 1}, {"channel": "public:held", "data": 2}]}
+    async with shop.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        assert await sql_publish(conn, "public:held", "t", "sql") == 1
+        for headers in ({}, {"Idempotency-Key": "k"}):  # the group-committed and the keyed path
+            resp = await client.post("/api/events", json=body, headers=bearer(token) | headers)
+            assert resp.status == 503, await resp.text()
+        resp = await client.post(
+            "/api/broadcast", json={"channels": ["public:other", "public:held"]}, headers=bearer(token)
+        )
+        assert resp.status == 503
+        await tx.commit()
+    assert await history(client, "public:other") == []
+    assert [e["data"] for e in await history(client, "public:held")] == ["sql"]
+    resp = await client.post("/api/events", json=body, headers=bearer(token) | {"Idempotency-Key": "k"})
+    assert resp.status == 201  # the refused attempt left no key behind
+
+
 # ------------------------------------------------------------ the schema and its migration
 
 
