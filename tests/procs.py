@@ -73,6 +73,7 @@ class Herald:
         name: str = "herald",
         secrets_dir: Path | None = None,
         limits: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
     ) -> Herald:
         directory.mkdir(parents=True, exist_ok=True)
         settings = write_settings(directory / f"{name}.toml", limits)
@@ -85,6 +86,7 @@ class Herald:
             HERALD_AUTH_SECRETS_DIR=str(secrets_dir or directory / "secrets"),
             HERALD_SERVER_SHUTDOWN_TIMEOUT="5",
             HERALD_REALTIME_SSE_PING="0.5",
+            **(env or {}),
         )
         log_path = directory / f"{name}.stderr.log"
         command = [sys.executable, "run.py", "serve", "--settings", str(settings)]
