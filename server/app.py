@@ -9,12 +9,8 @@ import aiohttp_cors
 from aiohttp import web
 
 from handlers import auth, channels, events, health, metrics, openapi, sse, static, users, ws
-from middlewares.access_log import access_log_middleware
 from middlewares.auth import auth_middleware, herald_session_middleware
-from middlewares.errors import errors_middleware
-from middlewares.limiter import add_ratelimit_headers, limiter_middleware
-from middlewares.request_id import request_id_middleware, set_request_id_header
-from middlewares.security import security_headers
+from middlewares.front_door import front_door, response_headers
 from server.identity.auth import TokenService
 from server.identity.permissions import compile_rules
 from server.identity.sessions import SessionStore
@@ -49,20 +45,15 @@ def create_app(
     their own, and may catch the access lines in `access_log`."""
     app = web.Application(
         client_max_size=settings.limits.body_bytes,
-        middlewares=[
-            request_id_middleware,
-            access_log_middleware,
-            errors_middleware,
-            herald_session_middleware(settings.auth),
-            auth_middleware,
-            limiter_middleware,
-        ],
+        # Request id, error answers, access line and metrics share the front door's frame;
+        # the rate limit is charged in the auth frame, right after the identity is known.
+        middlewares=[front_door, herald_session_middleware(settings.auth), auth_middleware],
     )
     app[settings_key] = settings
     app[tokens_key] = TokenService(settings.auth)
     app[rules_key] = compile_rules(settings.channels)
     app[limiter_key] = limiter or RateLimiter()
-    app[metrics_key] = Metrics()
+    app[metrics_key] = Metrics(settings.metrics.sync_interval)
     app[access_log_key] = access_log or AccessLog()
     app[static_key] = build_static(Path(settings.server.static_dir), Path(settings.server.static_build_dir))
 
@@ -71,9 +62,8 @@ def create_app(
     app.cleanup_ctx.append(realtime_ctx)
     app.on_shutdown.append(close_connections)
 
-    app.on_response_prepare.append(set_request_id_header)
-    app.on_response_prepare.append(security_headers(settings.server.trusted_proxies))
-    app.on_response_prepare.append(add_ratelimit_headers)
+    app.on_response_prepare.append(response_headers(settings.server.trusted_proxies))
+    app.on_cleanup.append(flush_access_log)
 
     add_routes(app)
     enable_cors(app, settings)
@@ -85,6 +75,11 @@ async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
     app[users_key] = UserStore(app[pool_key], settings.auth.bcrypt_rounds)
     app[sessions_key] = SessionStore(app[pool_key], settings.auth.session_ttl)
     yield
+
+
+async def flush_access_log(app: web.Application) -> None:
+    """The lines of the worker's last loop turn (they are written once per turn)."""
+    app[access_log_key].flush()
 
 
 def add_routes(app: web.Application) -> None:
