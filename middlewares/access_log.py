@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server.keys import access_log_key, metrics_key
+from server.ops.logs import AccessLog
+from server.ops.metrics import Metrics
 
 SECRET_PARAMS = frozenset({"access_token", "token"})
 
@@ -36,12 +37,18 @@ def response_bytes(response: web.StreamResponse | None) -> int:
     return response.content_length or 0
 
 
-def record(request: web.Request, response: web.StreamResponse | None, status: int, duration: float) -> None:
+def record(
+    request: web.Request,
+    response: web.StreamResponse | None,
+    status: int,
+    duration: float,
+    metrics: Metrics,
+    access_log: AccessLog,
+) -> None:
     """The request's metrics and its access line (the front door calls this once per request)."""
     route = route_name(request)
-    app = request.app
-    app[metrics_key].observe_request(request.method, route, status, duration)
-    app[access_log_key].write(
+    metrics.observe_request(request.method, route, status, duration)
+    access_log.write(
         {
             "method": request.method,
             "path": redacted_path(request),

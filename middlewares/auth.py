@@ -7,6 +7,7 @@ upgrades must come from a trusted Origin (CSRF and cross-site WebSocket hijackin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 
@@ -39,8 +40,9 @@ COOKIE_IGNORED_PATHS = frozenset({"/api/auth/login"})
 
 
 def herald_session_middleware(settings: AuthSettings):
-    """aiohttp-session's middleware, entered only where a session can matter: a request
-    carrying the cookie, or login and logout. Everything else skips its work and frame."""
+    """The auth middleware, inside aiohttp-session's only where a session can matter: a
+    request carrying the cookie, or login and logout. Everything else skips the session's
+    work and frame (one middleware frame per request, not two)."""
     secret = settings.session_secret or load_or_create_secret(settings.secrets_dir, "session_secret")
     storage = EncryptedCookieStorage(
         hashlib.sha256(secret.encode()).digest(),
@@ -54,8 +56,8 @@ def herald_session_middleware(settings: AuthSettings):
     @web.middleware
     async def sessions_where_needed(request: web.Request, handler):
         if has_session_cookie(request) or request.path in SESSION_PATHS:
-            return await with_session(request, handler)
-        return await handler(request)
+            return await with_session(request, functools.partial(auth_middleware, handler=handler))
+        return await auth_middleware(request, handler)
 
     return sessions_where_needed
 
@@ -66,7 +68,6 @@ def has_session_cookie(request: web.Request) -> bool:
     return header is not None and SESSION_COOKIE in header and SESSION_COOKIE in request.cookies
 
 
-@web.middleware
 async def auth_middleware(request: web.Request, handler):
     """Who is calling, then their rate limit (PROTOCOL §8): the two always run together,
     in this order (the bucket is the identity's), so they share one middleware frame."""

@@ -22,32 +22,40 @@ from middlewares.limiter import add_ratelimit_headers
 from middlewares.request_id import request_id_for, set_request_id_header
 from middlewares.security import security_headers
 from server.keys import request_id_key
-from server.ops.logs import request_id_var
+from server.ops.logs import AccessLog, request_id_var
+from server.ops.metrics import Metrics
 
 Hook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
+Middleware = Callable[[web.Request, Callable], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def front_door(request: web.Request, handler):
-    start = time.perf_counter()
-    request_id = request_id_for(request.headers.get("X-Request-Id"))
-    request[request_id_key] = request_id
-    token = request_id_var.set(request_id)
-    response = None
-    status = 499  # the client went away before an answer (the task was cancelled)
-    try:
+def front_door(metrics: Metrics, access_log: AccessLog) -> Middleware:
+    """The app's first middleware; `metrics` and `access_log` are the app's own (found once
+    here, not looked up in the app on every request)."""
+
+    @web.middleware
+    async def front_door_middleware(request: web.Request, handler):
+        start = time.perf_counter()
+        request_id = request_id_for(request.headers.get("X-Request-Id"))
+        request[request_id_key] = request_id
+        token = request_id_var.set(request_id)
+        response = None
+        status = 499  # the client went away before an answer (the task was cancelled)
         try:
-            response = await handler(request)
-        except Exception as exc:
-            if isinstance(exc, web.HTTPException) and exc.status < 400:
-                status = exc.status  # a redirect: aiohttp answers it
-                raise
-            response = problem_for_exception(request, exc)
-        status = response.status
-        return response
-    finally:
-        record(request, response, status, time.perf_counter() - start)
-        request_id_var.reset(token)
+            try:
+                response = await handler(request)
+            except Exception as exc:
+                if isinstance(exc, web.HTTPException) and exc.status < 400:
+                    status = exc.status  # a redirect: aiohttp answers it
+                    raise
+                response = problem_for_exception(request, exc)
+            status = response.status
+            return response
+        finally:
+            record(request, response, status, time.perf_counter() - start, metrics, access_log)
+            request_id_var.reset(token)
+
+    return front_door_middleware
 
 
 def response_headers(trusted_proxies: Sequence[str]) -> Hook:

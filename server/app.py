@@ -9,7 +9,7 @@ import aiohttp_cors
 from aiohttp import web
 
 from handlers import auth, channels, events, health, metrics, openapi, sse, static, users, ws
-from middlewares.auth import auth_middleware, herald_session_middleware
+from middlewares.auth import herald_session_middleware
 from middlewares.front_door import front_door, response_headers
 from server.identity.auth import TokenService
 from server.identity.permissions import compile_rules
@@ -43,18 +43,20 @@ def create_app(
 ) -> web.Application:
     """One worker's app. `limiter` is the supervisor's, shared by all workers; tests get
     their own, and may catch the access lines in `access_log`."""
+    metrics = Metrics(settings.metrics.sync_interval)
+    access_log = access_log or AccessLog()
     app = web.Application(
         client_max_size=settings.limits.body_bytes,
         # Request id, error answers, access line and metrics share the front door's frame;
-        # the rate limit is charged in the auth frame, right after the identity is known.
-        middlewares=[front_door, herald_session_middleware(settings.auth), auth_middleware],
+        # sessions (where one can matter), identity and rate limit share the auth frame.
+        middlewares=[front_door(metrics, access_log), herald_session_middleware(settings.auth)],
     )
     app[settings_key] = settings
     app[tokens_key] = TokenService(settings.auth)
     app[rules_key] = compile_rules(settings.channels)
     app[limiter_key] = limiter or RateLimiter()
-    app[metrics_key] = Metrics(settings.metrics.sync_interval)
-    app[access_log_key] = access_log or AccessLog()
+    app[metrics_key] = metrics
+    app[access_log_key] = access_log
     app[static_key] = build_static(Path(settings.server.static_dir), Path(settings.server.static_build_dir))
 
     app.cleanup_ctx.append(db.pool_ctx)

@@ -35,7 +35,7 @@ class CountingStream(io.BytesIO):
 
 def test_three_middleware_frames_and_one_response_hook(settings):
     app = create_app(settings)  # no CORS origins: aiohttp-cors adds nothing
-    assert len(app.middlewares) == 3, app.middlewares  # front door, sessions where needed, auth + limit
+    assert len(app.middlewares) == 2, app.middlewares  # the front door; auth + limit (+ sessions where needed)
     assert len(app.on_response_prepare) == 1, list(app.on_response_prepare)
 
 
