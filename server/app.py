@@ -8,18 +8,24 @@ from pathlib import Path
 import aiohttp_cors
 from aiohttp import web
 
-from handlers import auth, channels, events, health, metrics, openapi, sse, static, users, ws
+from handlers import auth, batch, channels, events, health, metrics, openapi, revocations, sse, static, users, ws
 from middlewares.auth import herald_session_middleware
 from middlewares.front_door import front_door, response_headers
 from server.identity.auth import TokenService
+from server.identity.identify import Authenticator
+from server.identity.issuers import Issuers
 from server.identity.permissions import compile_rules
+from server.identity.revocations import Revocations, revocation_lifetime
 from server.identity.sessions import SessionStore
 from server.identity.users import UserStore
 from server.keys import (
     access_log_key,
+    authenticator_key,
+    issuers_key,
     limiter_key,
     metrics_key,
     pool_key,
+    revocations_key,
     rules_key,
     sessions_key,
     settings_key,
@@ -53,7 +59,8 @@ def create_app(
     )
     app[settings_key] = settings
     app[tokens_key] = TokenService(settings.auth)
-    app[rules_key] = compile_rules(settings.channels)
+    app[issuers_key] = Issuers(settings.auth.issuers)
+    app[rules_key] = compile_rules(settings.channels, id_prefixes=(i.id_prefix for i in settings.auth.issuers))
     app[limiter_key] = limiter or RateLimiter()
     app[metrics_key] = metrics
     app[access_log_key] = access_log
@@ -74,9 +81,16 @@ def create_app(
 
 async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[settings_key]
-    app[users_key] = UserStore(app[pool_key], settings.auth.bcrypt_rounds)
+    revoked = app[revocations_key] = Revocations(app[pool_key], revocation_lifetime(settings.auth))
+    await revoked.reload()
+    app[users_key] = UserStore(app[pool_key], settings.auth.bcrypt_rounds, revocations=revoked)
     app[sessions_key] = SessionStore(app[pool_key], settings.auth.session_ttl)
-    yield
+    app[authenticator_key] = Authenticator(app[tokens_key], app[users_key], app[issuers_key], revoked)
+    await app[issuers_key].start()
+    try:
+        yield
+    finally:
+        await app[issuers_key].close()
 
 
 async def flush_access_log(app: web.Application) -> None:
@@ -96,9 +110,12 @@ def add_routes(app: web.Application) -> None:
     router.add_get("/api/users", users.list_users)
     router.add_patch("/api/users/{id}", users.update_user)
     router.add_delete("/api/users/{id}", users.delete_user)
+    router.add_post("/api/revocations", revocations.revoke)
     router.add_get("/api/channels", channels.list_channels)
     router.add_post("/api/channels/{channel}/events", events.publish)
     router.add_get("/api/channels/{channel}/events", events.history)
+    router.add_post("/api/events", batch.publish_events)
+    router.add_post("/api/broadcast", batch.broadcast)
     router.add_get("/api/openapi.json", openapi.document_handler())
     router.add_get("/ws", ws.websocket)
     router.add_get("/sse", sse.sse)
