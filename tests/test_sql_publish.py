@@ -257,6 +257,9 @@ async def test_a_trigger_whose_channel_is_invalid_fails_the_statement(client, sh
         "SELECT herald.store_event('public:x', 't', '1')",
         "SELECT * FROM herald.publish_batch('{0}', '{public:x}', '{t}', '{1}', '{NULL}', '{NULL}', 1000, false)",
         "SELECT herald.check_event('public:x', 't')",
+        "SELECT * FROM herald.store_events('{public:x}', '{t}', '{1}')",
+        "SELECT * FROM herald.publish_request('s', 'k', '\\x00', '{public:x}', '{t}', '{1}', 1000)",
+        "SELECT * FROM herald.request_keys",
     ],
 )
 async def test_the_publisher_role_cannot_touch_heralds_tables_or_other_functions(shop, sql):
