@@ -21,15 +21,16 @@ POLL = 0.02
 
 
 class Drain:
-    """Whether this worker is retiring; its response hook makes every answer the last one."""
+    """Whether this worker is retiring; the app's response hook (middlewares/front_door.py)
+    then makes every answer the last one on its connection."""
 
     def __init__(self) -> None:
         self.active = False
 
-    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
-        if self.active:
-            response.force_close()  # aiohttp closes the connection after this response
-            response.headers[hdrs.CONNECTION] = "close"  # and the client knows (headers are built already)
+    @staticmethod
+    def last_response(response: web.StreamResponse) -> None:
+        response.force_close()  # aiohttp closes the connection after this response
+        response.headers[hdrs.CONNECTION] = "close"  # and the client knows (headers are built already)
 
 
 async def drain(runner: web.BaseRunner, state: Drain, streams: Callable[[], int], grace: float) -> None:
