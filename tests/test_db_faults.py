@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from server.keys import broker_key, pool_key, store_key
+from server.ops.logs import request_id_var
 from tests.conftest import wait_for
 from tests.helpers import bearer, token_for
 
@@ -20,7 +21,7 @@ BROKEN_RELEASE = "cannot switch to state 15; another operation is in progress"  
 
 
 class BreakingRelease:
-    """Once armed, the next connection going back to the app's pool is killed by the server
+    """Once armed, the next connection a request gives back to the app's pool is killed by the server
     first (as in a restart), and its release raises what asyncpg raised then: after the
     statement committed."""
 
@@ -32,7 +33,8 @@ class BreakingRelease:
         self.broken: list[int] = []
 
     async def release(self, pool: asyncpg.Pool, conn, *, timeout=None):
-        if pool is not self.pool or not self.armed:
+        # Only a request's own release: the app's background jobs share the pool.
+        if pool is not self.pool or not self.armed or request_id_var.get() is None:
             return await self.real_release(pool, conn, timeout=timeout)
         self.armed = False
         self.broken.append(conn.get_server_pid())
