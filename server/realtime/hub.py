@@ -26,6 +26,7 @@ from server.realtime.wire import EncodedEvent
 
 if TYPE_CHECKING:
     from server.events.broker import Broker
+    from server.identity.auth import Identity
     from server.realtime.connections import Connection
 
 log = logging.getLogger("herald.hub")
@@ -70,6 +71,9 @@ class Hub:
         # Tests only: awaited inside subscribe(), after registering and before reading where the
         # channel stands, so a test can hold a subscription there and make the start race happen.
         self.subscribe_hook: Callable[[Connection, str], Awaitable[None]] | None = None
+        # Set by the engine: is this identity revoked? A connection verified just before a
+        # revocation, and attached just after it was announced, is closed here instead.
+        self.revoked: Callable[[Identity], bool] | None = None
 
     # connections
 
@@ -78,6 +82,8 @@ class Hub:
         """A connection's lifetime in the hub: whatever ends it, its subscriptions, timers
         and tasks go with it (and shutdown can find it meanwhile)."""
         self.connections[conn] = None
+        if conn.identity is not None and self.revoked is not None and self.revoked(conn.identity):
+            conn.close(4403, "revoked")
         try:
             yield conn
         finally:
