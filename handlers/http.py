@@ -46,6 +46,21 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     return value
 
 
+async def expect_continue(request: web.Request) -> None:
+    """Expect: 100-continue: say Continue only to a body that may be sent (RFC 9110 §10.1.1).
+
+    An oversized Content-Length gets no 100: the handler answers 413 at once, without the
+    client ever sending the body. Other expectations are ignored (RFC 9110 allows that),
+    so no plain-text 417 escapes the problem-document path.
+    """
+    if request.version < (1, 1) or request.headers.get("Expect", "").lower() != "100-continue":
+        return
+    if request.content_length is not None and request.content_length > request.client_max_size:
+        return
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the 100 is not the response: headers can still be sent
+
+
 def query_int(request: web.Request, name: str, default: int | None, low: int, high: int) -> int | None:
     """An integer query parameter within [low, high]; 422 naming it otherwise."""
     raw = request.query.get(name)

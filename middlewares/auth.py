@@ -110,12 +110,17 @@ async def identity_from_session(request: web.Request) -> Identity | None:
     session_id = session.get("sid")
     if not isinstance(session_id, str):
         return None
-    user_id = await request.app[sessions_key].user_id(session_id)
-    user = await request.app[users_key].active_user(str(user_id)) if user_id is not None else None
-    if user is None:
+    live = await request.app[sessions_key].lookup(session_id)
+    user = await request.app[users_key].active_user(str(live[0])) if live is not None else None
+    if live is None or user is None:
         session.invalidate()
         return None
-    return Identity(str(user.id), user.username, frozenset(user.roles), via="cookie")
+    # The session's end is the identity's expiry: a WebSocket or stream opened with this
+    # cookie closes then (4401), as one opened with a token does when the token expires.
+    expires = live[1].timestamp()
+    return Identity(
+        str(user.id), user.username, frozenset(user.roles), via="cookie", expires=expires, session=session_id
+    )
 
 
 def own_origin(request: web.Request) -> str:

@@ -9,6 +9,7 @@ import aiohttp_cors
 from aiohttp import web
 
 from handlers import auth, channels, events, health, metrics, openapi, sse, static, users, ws
+from handlers.http import expect_continue
 from middlewares.access_log import access_log_middleware
 from middlewares.auth import auth_middleware, herald_session_middleware
 from middlewares.errors import errors_middleware
@@ -89,24 +90,29 @@ async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def add_routes(app: web.Application) -> None:
     router = app.router
+    add_body_routes(router)
     router.add_get("/healthz", health.healthz)
     router.add_get("/readyz", health.readyz)
     router.add_get("/metrics", metrics.metrics)
-    router.add_post("/api/auth/login", auth.login)
     router.add_post("/api/auth/logout", auth.logout)
     router.add_get("/api/me", auth.me)
-    router.add_post("/api/users", users.create_user)
     router.add_get("/api/users", users.list_users)
-    router.add_patch("/api/users/{id}", users.update_user)
     router.add_delete("/api/users/{id}", users.delete_user)
     router.add_get("/api/channels", channels.list_channels)
-    router.add_post("/api/channels/{channel}/events", events.publish)
     router.add_get("/api/channels/{channel}/events", events.history)
     router.add_get("/api/openapi.json", openapi.document_handler())
     router.add_get("/ws", ws.websocket)
     router.add_get("/sse", sse.sse)
     router.add_get("/", static.index)
     router.add_get("/static/{name}", static.asset)
+
+
+def add_body_routes(router: web.UrlDispatcher) -> None:
+    """Routes that read a body: an oversized one with Expect: 100-continue gets 413, not 100."""
+    router.add_post("/api/auth/login", auth.login, expect_handler=expect_continue)
+    router.add_post("/api/users", users.create_user, expect_handler=expect_continue)
+    router.add_patch("/api/users/{id}", users.update_user, expect_handler=expect_continue)
+    router.add_post("/api/channels/{channel}/events", events.publish, expect_handler=expect_continue)
 
 
 def enable_cors(app: web.Application, settings: Settings) -> None:

@@ -90,6 +90,7 @@ class LimitsSettings:
     rate: float = 50.0
     burst: int = 100
     login_rate: int = 5
+    login_ip_rate: int = 20
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from server.errors import Forbidden, Unauthorized, ValidationError
 from server.identity.auth import Identity
-from server.identity.permissions import channel_rule_for, check_permission, compile_rules, is_valid_channel, may
+from server.identity.permissions import (
+    channel_rule_for,
+    check_permission,
+    compile_rules,
+    is_valid_channel,
+    may,
+    owner_channel_warnings,
+)
 from server.settings import ChannelRule, SettingsError
 from tests.conftest import TEST_CHANNEL_RULES
 
@@ -286,3 +295,32 @@ def test_check_permission_returns_none_when_allowed():
     assert check_permission(ANON, "subscribe", "public:x", TEST_RULES) is None
     assert check_permission(PUBLISHER, "publish", "public:x", TEST_RULES) is None
     assert check_permission(who(id="42"), "subscribe", "user:42", TEST_RULES) is None
+
+
+# owner channels and their sub-channels (issue 11)
+
+
+def test_a_broader_later_rule_catching_owner_sub_channels_is_warned_about():
+    compiled = rules(("user:{sub}", ["owner"], ["owner"]), ("*", ["authenticated"], []))
+    [warning] = owner_channel_warnings(compiled)
+    assert "'user:42:inbox'" in warning
+    assert "channels[1]" in warning
+    assert "'user:{sub}:*'" in warning
+
+
+def test_owner_sub_channels_written_explicitly_raise_no_warning():
+    compiled = rules(
+        ("user:{sub}", ["owner"], ["owner"]), ("user:{sub}:*", ["owner"], []), ("*", ["authenticated"], [])
+    )
+    assert owner_channel_warnings(compiled) == []
+    assert may(who(id="4"), "subscribe", "user:4:inbox", compiled)
+    assert not may(who(id="5"), "subscribe", "user:4:inbox", compiled)
+
+
+def test_the_shipped_settings_keep_a_users_sub_channels_private():
+    from server.settings import load_settings
+
+    shipped = compile_rules(load_settings(Path(__file__).parents[1] / "settings.toml", {}).channels)
+    assert owner_channel_warnings(shipped) == []
+    assert may(who(id="4"), "subscribe", "user:4:inbox", shipped)
+    assert not may(who(id="5"), "subscribe", "user:4:inbox", shipped)

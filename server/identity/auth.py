@@ -21,13 +21,16 @@ VERIFIED_CACHE_SIZE = 10_000
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who is calling. `via` says which credential proved it; `expires` is the token's exp."""
+    """Who is calling. `via` says which credential proved it; `expires` is the token's exp
+    (or the session's end). `session` is the browser session behind a cookie identity: a
+    connection opened with it ends when that session does (logout, expiry, a disable)."""
 
     id: str
     username: str
     roles: frozenset[str]
     via: str = "bearer"
     expires: float | None = None
+    session: str | None = None
 
     @property
     def is_admin(self) -> bool:

@@ -92,3 +92,29 @@ def check_permission(identity: Identity | None, action: Action, channel: str, ru
     if identity is None:
         raise Unauthorized(f"Credentials are needed to {action} on {channel}")
     raise Forbidden(f"You may not {action} on {channel}")
+
+
+def owner_channel_warnings(rules: tuple[CompiledRule, ...]) -> list[str]:
+    """Owner rules whose channels' children a later, broader rule catches.
+
+    `user:{sub}` matches `user:42` only: `user:42:inbox` falls through to the next rule
+    that matches, often a broad one. Herald does not widen owner patterns by itself (a
+    rule means what it says); it warns at start-up so the deployment writes
+    `user:{sub}:*` explicitly, as the shipped settings.toml does.
+    """
+    warnings = []
+    for index, rule in enumerate(rules):
+        if "owner" not in rule.subscribe | rule.publish or "[" in rule.pattern:
+            continue
+        own = rule.pattern.replace(SUB_PLACEHOLDER, "42").replace("*", "x").replace("?", "x")
+        child = f"{own}:inbox"
+        found = channel_rule_for(rules, child)
+        if found is None or found[0] is rule or "owner" in found[0].subscribe | found[0].publish:
+            continue
+        later = rules.index(found[0])
+        warnings.append(
+            f"channels[{later}] ({found[0].pattern!r}) decides who may use {child!r}, a sub-channel of the "
+            f"owner channel {own!r} of channels[{index}] ({rule.pattern!r}); add a rule "
+            f"{rule.pattern + ':*'!r} with owner before it if sub-channels should be private too"
+        )
+    return warnings

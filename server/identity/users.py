@@ -112,6 +112,9 @@ class UserStore:
                 disabled,
                 list(roles) if roles is not None else None,
             )
+            if row is not None and disabled:
+                # A disable ends the user's browser sessions for good: re-enabling revives none.
+                await conn.execute("DELETE FROM sessions WHERE user_id = $1", user_id)
             if row is not None:
                 await conn.execute("SELECT pg_notify($1, $2)", USER_CHANGES_CHANNEL, str(user_id))
         self.forget(str(user_id))

@@ -88,6 +88,20 @@ class RateLimiter:
             fcntl.lockf(self._lock_fd, fcntl.LOCK_UN, 1, stripe)
         return decision(allowed, tokens, rate, burst)
 
+    def refund(self, key: str, burst: int) -> None:
+        """Give back the token a take() drew (login refunds it when the password was right)."""
+        h = self.key_hash(key)
+        block = h % self.blocks
+        stripe = block % LOCK_STRIPES
+        fcntl.lockf(self._lock_fd, fcntl.LOCK_EX, 1, stripe)
+        try:
+            offset, found = self._slot(h, block)
+            if found:
+                _, tokens, last = SLOT.unpack_from(self._memory, offset)
+                SLOT.pack_into(self._memory, offset, h, min(float(burst), tokens + 1.0), last)
+        finally:
+            fcntl.lockf(self._lock_fd, fcntl.LOCK_UN, 1, stripe)
+
     def take_request(self, limits: LimitsSettings, key: str) -> Decision | None:
         """One request's (or WebSocket publish's) token; None when limiting is off (rate = 0)."""
         if limits.rate <= 0:

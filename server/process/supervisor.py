@@ -19,6 +19,7 @@ from typing import TypeVar
 import asyncpg
 
 from server.errors import Conflict
+from server.identity.permissions import compile_rules, owner_channel_warnings
 from server.identity.secrets import load_or_create_secret
 from server.identity.users import UserStore, validate_new_user
 from server.limits.limiter import RateLimiter
@@ -116,6 +117,8 @@ def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> i
             description,
             extra={"url": url, "workers": count, "database": description},
         )
+        for warning in owner_channel_warnings(compile_rules(settings.channels)):
+            log.warning(warning)
         enable_multiprocess(tmp)
         fixed = settings
 

@@ -11,10 +11,22 @@ from aiohttp import web
 
 from server.events.broker import Broker
 from server.events.store import EventStore
-from server.keys import broker_key, hub_key, metrics_key, pool_key, presence_key, settings_key, store_key, users_key
+from server.keys import (
+    broker_key,
+    hub_key,
+    metrics_key,
+    pool_key,
+    presence_key,
+    rules_key,
+    sessions_key,
+    settings_key,
+    store_key,
+    users_key,
+)
 from server.realtime.connections import Connection, SseConnection, WebSocketConnection
 from server.realtime.hub import Hub
 from server.realtime.presence import Presence
+from server.realtime.reauthorize import follow_user_change
 from server.storage.db import DATABASE_DOWN_ERRORS
 
 log = logging.getLogger("herald.realtime")
@@ -28,11 +40,7 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
     presence = app[presence_key] = Presence(app[pool_key], hub)
 
     async def on_user_change(user_id: str) -> None:
-        users = app[users_key]
-        users.forget(user_id)
-        if await users.active_user(user_id) is None:
-            for conn in hub.connections_of(user_id):
-                conn.close(4403, "user removed or disabled")
+        await follow_user_change(hub, app[users_key], app[sessions_key], app[rules_key], user_id)
 
     broker = app[broker_key] = Broker(settings.database.url, store, hub.dispatch, on_user_change)
     hub.broker = broker
