@@ -40,8 +40,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def migrate(settings: Settings) -> int:
-    from server.storage import db
     from server.process.supervisor import database
+    from server.storage import db
 
     with database(settings) as (settings, description):
         applied = asyncio.run(db.migrate(settings.database.url))

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from server.errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized, UnsupportedMediaType, ValidationError
+from server.errors import (
+    BadRequest,
+    Forbidden,
+    PayloadTooLarge,
+    RateLimited,
+    Unauthorized,
+    UnsupportedMediaType,
+    ValidationError,
+)
 from server.identity.auth import Identity
-from server.keys import identity_key
+from server.keys import identity_key, limiter_key, refusals_log_key, settings_key
+from server.limits.connections import Refused, open_connection
+from server.web.net import client_ip
 
 INTEGER = re.compile(r"-?[0-9]{1,19}")
+CONNECTION_RETRY_AFTER = 5  # seconds: a connection cap frees up when one of the caller's own closes
 
 
 def _refuse_constant(name: str) -> None:
@@ -97,3 +110,33 @@ def page_params(request: web.Request) -> tuple[int | None, int]:
     limit = query_int(request, "limit", 100, 1, 1000)
     after = query_int(request, "after", None, 0, 2**62)
     return after, limit  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def realtime_slot(request: web.Request, identity: Identity | None) -> Iterator[None]:
+    """A WebSocket's or SSE stream's place under the per-address and per-identity caps, held
+    while it is open; 429 before the upgrade when a cap is full (PROTOCOL §8's Retry-After)."""
+    app = request.app
+    settings = app[settings_key]
+    ip = client_ip(request, settings.server.trusted_proxies)
+    limits = settings.limits
+    counts = app[limiter_key].connections
+    lease = open_connection(
+        counts, ip, identity.id if identity else None, limits.connections_per_ip, limits.connections_per_identity
+    )
+    if isinstance(lease, Refused):
+        app[refusals_log_key].warning(
+            f"connection cap per {lease.what}",
+            "refused a connection: too many open",
+            cap=lease.cap,
+            per=lease.what,
+            remote=ip,
+        )
+        raise RateLimited(
+            f"Too many open connections for this {lease.what} (at most {lease.cap}); close one first",
+            headers={"Retry-After": str(CONNECTION_RETRY_AFTER)},
+        )
+    try:
+        yield
+    finally:
+        lease.release()

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
-from handlers.http import decode_json, identity_of
+from handlers.http import decode_json, identity_of, realtime_slot
 from server.errors import ApiError, BadRequest, Conflict, Forbidden, ValidationError
 from server.events.store import validate_event
 from server.identity.permissions import check_permission
@@ -30,6 +30,11 @@ def frame(message: dict[str, Any]) -> bytes:
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
+    with realtime_slot(request, identity_of(request)):  # 429 before the upgrade when a cap is full
+        return await serve_websocket(request)
+
+
+async def serve_websocket(request: web.Request) -> web.WebSocketResponse:
     settings = request.app[settings_key].realtime
     # Pings come from the hub's one heartbeat loop (server/realtime/engine.py), not a timer per
     # socket: cheaper, and the pong gets the whole heartbeat that PROTOCOL §10 allows.
@@ -115,6 +120,10 @@ class Session:
             raise ValidationError.field("offset", "must be a non-negative integer")
         if channel in self.conn.subscriptions:
             raise Conflict(f"Already subscribed to {channel}")
+        cap = self.app[settings_key].limits.channels_per_connection
+        if len(self.conn.subscriptions) >= cap:
+            raise ValidationError.field("channel", f"at most {cap} channels per connection; unsubscribe one first")
+        self.check_rate("Too many subscribes")
         hub = self.app[hub_key]
         sub, resume = await hub.subscribe(self.conn, channel, after)
         await self.reply(message_id, channel=channel, offset=resume.offset, recovered=resume.recovered)
@@ -135,8 +144,8 @@ class Session:
         self.app[hub_key].unsubscribe(self.conn, channel)
         await self.reply(message_id, channel=channel)
 
-    def check_rate(self) -> None:
-        """WebSocket publishes draw on the same bucket as the caller's REST requests."""
+    def check_rate(self, what: str = "Too many publishes") -> None:
+        """WebSocket publishes and subscribes draw on the same bucket as the caller's REST requests."""
         limits = self.app[settings_key].limits
         decision = self.app[limiter_key].take_request(limits, bucket_key(self.conn.identity, self.ip))
         if decision is None or decision.allowed:
@@ -145,7 +154,7 @@ class Session:
         self.refused_in_a_row += 1
         if self.refused_in_a_row > MAX_REFUSED_IN_A_ROW:
             self.conn.close(4429, "rate limited")
-        raise refusal(decision, "Too many publishes")
+        raise refusal(decision, what)
 
     async def op_publish(self, message: dict[str, Any], message_id: Any) -> None:
         channel = message.get("channel")

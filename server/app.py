@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from server.keys import (
     limiter_key,
     metrics_key,
     pool_key,
+    refusals_log_key,
     rules_key,
     sessions_key,
     settings_key,
@@ -35,6 +37,7 @@ from server.keys import (
 from server.limits.limiter import RateLimiter
 from server.ops.logs import AccessLog
 from server.ops.metrics import Metrics
+from server.ops.throttle import ThrottledLog
 from server.realtime.engine import close_connections, realtime_ctx
 from server.settings import Settings
 from server.storage import db
@@ -65,6 +68,7 @@ def create_app(
     app[limiter_key] = limiter or RateLimiter()
     app[metrics_key] = Metrics()
     app[access_log_key] = access_log or AccessLog()
+    app[refusals_log_key] = ThrottledLog(logging.getLogger("herald.limits"))
     app[static_key] = build_static(Path(settings.server.static_dir), Path(settings.server.static_build_dir))
 
     app.cleanup_ctx.append(db.pool_ctx)

@@ -91,6 +91,9 @@ class LimitsSettings:
     burst: int = 100
     login_rate: int = 5
     login_ip_rate: int = 20
+    connections_per_ip: int = 256
+    connections_per_identity: int = 64
+    channels_per_connection: int = 128
 
 
 @dataclass(frozen=True, slots=True)

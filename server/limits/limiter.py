@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from server.errors import RateLimited
 from server.identity.auth import Identity
+from server.limits.connections import ConnectionCounts
 from server.settings import LimitsSettings
 
 SLOT = struct.Struct("=qdd")  # key hash, tokens, last refill (monotonic seconds)
@@ -59,6 +60,8 @@ class RateLimiter:
             return int.from_bytes(digest, "little", signed=True) or 1
 
         self.key_hash = key_hash
+        # Open WebSocket/SSE connections per address and identity, shared the same way.
+        self.connections = ConnectionCounts()
 
     def __del__(self) -> None:
         with contextlib.suppress(OSError, AttributeError):

@@ -218,6 +218,7 @@ class Supervisor:
                 continue
             os.close(worker.ready_fd)
             forget_process(pid)
+            self.limiter.connections.forget_process(pid)
             if worker.retiring:
                 continue
             lived = time.monotonic() - worker.started
