@@ -16,6 +16,7 @@ from middlewares.auth import auth_middleware, herald_session_middleware
 from middlewares.errors import errors_middleware
 from middlewares.limiter import add_ratelimit_headers, limiter_middleware
 from middlewares.request_id import request_id_middleware, set_request_id_header
+from middlewares.reserve import reserve_middleware
 from middlewares.security import security_headers
 from server.identity.auth import TokenService
 from server.identity.permissions import compile_rules
@@ -59,6 +60,7 @@ def create_app(
             errors_middleware,
             herald_session_middleware(settings.auth),
             auth_middleware,
+            reserve_middleware,
             limiter_middleware,
         ],
     )

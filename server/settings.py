@@ -50,6 +50,10 @@ class ServerSettings:
     trusted_proxies: tuple[str, ...] = ()
     static_dir: str = "static"
     static_build_dir: str = "var/static"
+    keepalive_timeout: float = 15.0
+    header_timeout: float = 10.0
+    max_connections: int = 0
+    reserved_connections: int = 32
 
     @property
     def worker_count(self) -> int:
@@ -149,7 +153,7 @@ SECTIONS: dict[str, type] = {
 }
 
 # Numeric keys that may be zero; every other number must be positive.
-ZERO_ALLOWED = {"limits.rate", "cors.max_age"}
+ZERO_ALLOWED = {"limits.rate", "cors.max_age", "server.max_connections"}
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
