@@ -105,6 +105,7 @@ class EventsSettings:
     history_size: int = 10000
     history_ttl: int = 86400
     prune_interval: float = 30.0
+    page_bytes: int = 1048576
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +116,7 @@ class RealtimeSettings:
     max_frame_bytes: int = 65536
     outbound_buffer: int = 1048576
     compression: bool = False
+    max_replays: int = 16
 
 
 @dataclass(frozen=True, slots=True)

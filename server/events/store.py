@@ -64,6 +64,19 @@ def notification_head(payload: str) -> tuple[str, int, bool]:
 
 SELECT_EVENTS_SQL = f"""SELECT e."offset", {EVENT_JSON_SQL} AS json FROM events e"""
 
+# A stretch of history bounded by count and by bytes: the window reads only the sizes of
+# at most $3 rows; the bodies are read for the events that fit in $4 bytes (the first
+# one always, so a page never comes back empty while events remain).
+HISTORY_CHUNK_SQL = f"""
+SELECT e."offset", {EVENT_JSON_SQL} AS json, w.n FROM (
+    SELECT "offset", sum(size) OVER (ORDER BY "offset") - size AS before, count(*) OVER () AS n
+    FROM (SELECT "offset", octet_length(data) AS size FROM events
+          WHERE channel = $1 AND "offset" > $2 ORDER BY "offset" LIMIT $3) AS page
+) AS w JOIN events e ON e.channel = $1 AND e."offset" = w."offset"
+WHERE w.before < $4
+ORDER BY e."offset"
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
@@ -167,6 +180,16 @@ class EventStore:
             limit,
         )
         return [StoredEvent(channel, r["offset"], r["json"]) for r in rows]
+
+    async def history_chunk(
+        self, channel: str, after: int, limit: int, max_bytes: int
+    ) -> tuple[list[StoredEvent], bool]:
+        """At most `limit` events after `after` whose data fits in max_bytes (at least one),
+        and whether the channel had nothing more at the time (no further chunk needed)."""
+        rows = await self.pool.fetch(HISTORY_CHUNK_SQL, channel, after, limit, max_bytes)
+        events = [StoredEvent(channel, r["offset"], r["json"]) for r in rows]
+        ended = not rows or (rows[0]["n"] < limit and len(rows) == rows[0]["n"])
+        return events, ended
 
     async def event(self, channel: str, offset: int) -> StoredEvent | None:
         async with self.pool.acquire() as conn:

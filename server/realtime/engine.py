@@ -36,7 +36,8 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[settings_key]
     metrics = app[metrics_key]
     store = app[store_key] = EventStore(app[pool_key], settings.events, on_published=metrics.published.inc)
-    hub = app[hub_key] = Hub(store, settings.realtime.outbound_buffer)
+    realtime = settings.realtime
+    hub = app[hub_key] = Hub(store, realtime.outbound_buffer, realtime.max_replays, realtime.heartbeat)
     presence = app[presence_key] = Presence(app[pool_key], hub)
 
     async def on_user_change(user_id: str) -> None:
