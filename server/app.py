@@ -89,7 +89,7 @@ def create_app(
 
 async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[settings_key]
-    app[users_key] = UserStore(app[pool_key], settings.auth.bcrypt_rounds)
+    app[users_key] = UserStore(app[pool_key], settings.auth.bcrypt_rounds, bcrypt_queue=settings.auth.bcrypt_queue)
     app[sessions_key] = SessionStore(app[pool_key], settings.auth.session_ttl)
     yield
 

@@ -77,6 +77,7 @@ class AuthSettings:
     jwt_audience: str = "herald"
     token_ttl: int = 3600
     bcrypt_rounds: int = 12
+    bcrypt_queue: int = 16
     session_secret: str = ""
     session_ttl: int = 86400
     secrets_dir: str = "var"

@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
+from server.keys import users_key
 from server.limits.limiter import PROBES, RateLimiter
 from server.web.net import client_ip, is_tls
 from tests.helpers import PASSWORD, add_user, bearer, login, token_for
@@ -406,3 +407,18 @@ async def test_refused_credentials_cost_a_token_on_limited_paths_only(make_clien
     guessing = await client.get("/api/me", headers=bad)
     assert guessing.status == 429
     assert int(guessing.headers["Retry-After"]) >= 1
+
+
+# The bcrypt queue (issue 11).
+
+
+async def test_a_full_bcrypt_queue_answers_503_with_retry_after_at_once(make_client):
+    client = await make_client({"auth": {"bcrypt_queue": 2}})
+    await add_user(client, "alice")
+    hashing = client.app[users_key].hashing
+    async with hashing.slot(), hashing.slot():  # two password checks in flight: the queue is full
+        resp = await login(client, "alice", PASSWORD)
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+        assert (await resp.json())["code"] == "unavailable"
+    assert (await login(client, "alice", PASSWORD)).status == 200

@@ -12,6 +12,7 @@ import asyncpg
 
 from server.errors import Conflict, Unauthorized, ValidationError
 from server.identity.auth import Identity, InvalidToken, TokenService, check_password, hash_password, password_problem
+from server.limits.hashing import HashingQueue
 
 USERNAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 ROLE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -66,15 +67,17 @@ def validate_new_user(username: Any, password: Any, roles: Any) -> tuple[str, st
 
 
 class UserStore:
-    def __init__(self, pool: asyncpg.Pool, bcrypt_rounds: int, cache_ttl: float = 5.0) -> None:
+    def __init__(self, pool: asyncpg.Pool, bcrypt_rounds: int, cache_ttl: float = 5.0, bcrypt_queue: int = 64) -> None:
         self.pool = pool
         self.bcrypt_rounds = bcrypt_rounds
+        self.hashing = HashingQueue(bcrypt_queue)  # 503 at once past this many hashes in flight
         self.cache_ttl = cache_ttl
         self._cache: dict[str, tuple[User | None, float]] = {}
         self._dummy_hash: str | None = None
 
     async def create(self, username: str, password: str, roles: tuple[str, ...]) -> User:
-        password_hash = await hash_password(password, self.bcrypt_rounds)
+        async with self.hashing.slot():
+            password_hash = await hash_password(password, self.bcrypt_rounds)
         try:
             row = await self.pool.fetchrow(
                 f"INSERT INTO users (username, password_hash, roles) VALUES ($1, $2, $3) RETURNING {USER_COLUMNS}",
@@ -125,8 +128,9 @@ class UserStore:
         row = await self.pool.fetchrow(
             f"SELECT {USER_COLUMNS}, password_hash FROM users WHERE lower(username) = lower($1)", username
         )
-        stored = row["password_hash"] if row else await self._hash_for_unknown_users()
-        matches = await check_password(password, stored)
+        async with self.hashing.slot():
+            stored = row["password_hash"] if row else await self._hash_for_unknown_users()
+            matches = await check_password(password, stored)
         if row is None or not matches or row["disabled"]:
             return None
         return User.from_row(row)
