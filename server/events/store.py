@@ -216,6 +216,32 @@ class EventStore:
         )
         return [(r["name"], r["last_offset"]) for r in rows]
 
+    async def channels_page(
+        self, after: str, limit: int, allowed_sql: str, params: list, scan: int
+    ) -> tuple[list[tuple[str, int]], str | None]:
+        """Channels after `after` with events that `allowed_sql` admits, at most `limit`,
+        looking at no more than `scan` rows: the list costs the same however many channels
+        exist. Returns them and where to go on (None when the scan reached the end)."""
+        rows = await self.pool.fetch(
+            f"""WITH scanned AS MATERIALIZED (
+                    SELECT name, last_offset FROM channels WHERE name > $1 AND last_offset > 0 ORDER BY name LIMIT $2
+                ), allowed AS (
+                    SELECT name, last_offset FROM scanned WHERE {allowed_sql} ORDER BY name LIMIT $3
+                )
+                SELECT name, last_offset, false AS summary FROM allowed
+                UNION ALL SELECT max(name), count(*), true FROM scanned
+                ORDER BY summary, name""",
+            after,
+            scan,
+            limit,
+            *params,
+        )
+        *found, summary = rows
+        items = [(r["name"], r["last_offset"]) for r in found]
+        if len(items) == limit:
+            return items, items[-1][0]
+        return items, summary["name"] if summary["last_offset"] == scan else None
+
     async def prune(self) -> int:
         """Drop events past the count and age limits, and expired idempotency keys."""
         async with self.pool.acquire() as conn:

@@ -118,3 +118,64 @@ def owner_channel_warnings(rules: tuple[CompiledRule, ...]) -> list[str]:
             f"{rule.pattern + ':*'!r} with owner before it if sub-channels should be private too"
         )
     return warnings
+
+
+# The same rules as SQL, for lists that filter in the database (GET /api/channels).
+
+
+def pattern_to_sql_regex(pattern: str, sub: str | None = None) -> str:
+    """A rule pattern as an anchored PostgreSQL regular expression (ARE).
+
+    `*` any run, `?` one character, `[...]` / `[!...]` a set, `{sub}` one id segment
+    (`[^:]+`), or exactly `sub` when given; everything else literal.
+    """
+    out, i = ["^"], 0
+    while i < len(pattern):
+        if pattern.startswith(SUB_PLACEHOLDER, i):
+            out.append("[^:]+" if sub is None else "".join(_are_literal(c) for c in sub))
+            i += len(SUB_PLACEHOLDER)
+            continue
+        c = pattern[i]
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[" and (end := pattern.find("]", i + 2 if pattern[i + 1 : i + 2] in ("!", "]") else i + 1)) != -1:
+            body = pattern[i + 1 : end]
+            negate = body.startswith("!")
+            body = body[1:] if negate else body
+            out.append("[" + ("^" if negate else "") + body.replace("\\", "\\\\") + "]")
+            i = end
+        else:
+            out.append(_are_literal(c))
+        i += 1
+    return "".join(out) + "$"
+
+
+def _are_literal(c: str) -> str:
+    return c if c.isalnum() else "\\" + c
+
+
+def subscribable_sql(identity: Identity, rules: Iterable[CompiledRule], first_param: int) -> tuple[str, list]:
+    """A boolean SQL expression over `name`: may `identity` subscribe (first match wins,
+    default deny), with its parameters numbered from first_param. Mirrors may()."""
+    if identity.is_admin:
+        return "true", []
+    cases, params = [], []
+
+    def param(value) -> str:
+        params.append(value)
+        return f"${first_param + len(params) - 1}"
+
+    for rule in rules:
+        allowed = rule.subscribe
+        if "anonymous" in allowed or "authenticated" in allowed or not allowed.isdisjoint(identity.roles):
+            verdict = "true"
+        elif "owner" in allowed and SUB_PLACEHOLDER in rule.pattern:
+            verdict = f"name ~ {param(pattern_to_sql_regex(rule.pattern, identity.id))}"
+        else:
+            verdict = "false"
+        cases.append(f"WHEN name ~ {param(pattern_to_sql_regex(rule.pattern))} THEN {verdict}")
+    if not cases:
+        return "false", []
+    return f"CASE {' '.join(cases)} ELSE false END", params
