@@ -201,9 +201,15 @@ async def still_open(writers: list[asyncio.StreamWriter]) -> int:
 
 
 async def closed_by_server(reader: asyncio.StreamReader) -> bool:
-    with contextlib.suppress(TimeoutError, OSError):
-        return await asyncio.wait_for(reader.read(1), 0.01) == b""
-    return False
+    """True when the server ended the connection (EOF or reset), whatever it sent before."""
+    try:
+        while await asyncio.wait_for(reader.read(65536), 0.05):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 async def descriptors(server: Server, args: argparse.Namespace) -> dict:
@@ -256,21 +262,26 @@ async def descriptors(server: Server, args: argparse.Namespace) -> dict:
         return {"flood_accepted": accepted, "flood_refused_429": refused}
 
     started = time.monotonic()
-    health, flooded, _ = await asyncio.gather(healthz_latencies(server, args.hold), flood(), drip())
+    health, _ = await asyncio.gather(healthz_latencies(server, args.hold), drip())
     closed_idle = sum([await closed_by_server(reader) for reader, _ in idle])
     closed_slow = sum([await closed_by_server(reader) for reader, _ in slow])
+    held = round(time.monotonic() - started, 1)
     for _, writer in idle + slow:
         writer.transport.abort()
+    # Then one address opens WebSockets and SSE streams in a loop and keeps them.
+    flood_health, flooded = await asyncio.gather(healthz_latencies(server, 5), flood())
     return {
         "scenario": "descriptors",
+        "max_connections_per_worker": args.max_connections,
         "idle_connections": len(idle),
         "idle_connect_failed": refused_connect,
         "idle_closed_by_server": closed_idle,
         "slowloris_connections": len(slow),
         "slowloris_closed_by_server": closed_slow,
-        "held_s": round(time.monotonic() - started, 1),
-        **flooded,
+        "held_s": held,
         **health,
+        **flooded,
+        **{f"flood_{k}": v for k, v in flood_health.items()},
     }
 
 

@@ -76,3 +76,44 @@ async def test_the_list_endpoint_pages_through_what_the_caller_may_follow(client
     assert ([i["name"] for i in page["items"]], page["next"]) == (["a:1", "a:2"], "a:2")
     page = await (await client.get("/api/channels?limit=2&after=a:2", headers=bearer(token))).json()
     assert ([i["name"] for i in page["items"]], page["next"]) == (["a:3"], None)  # secret:* and user:99 are not hers
+
+
+async def age(pool, channel: str, column: str, table: str = "events") -> None:
+    key = "channel" if table == "events" else "name"
+    await pool.execute(f"UPDATE {table} SET {column} = {column} - interval '2 minutes' WHERE {key} = $1", channel)
+
+
+async def test_an_emptied_channel_keeps_its_counter_for_a_history_ttl_and_is_pruned_after(make_client):
+    client = await make_client({"events": {"history_ttl": 60, "prune_interval": 3600}})
+    store, pool = client.app[store_key], client.app[pool_key]
+    for _ in range(3):
+        await store.publish("public:gone", "message", "1")
+    await age(pool, "public:gone", "time")
+    await store.prune()
+    assert (await store.state("public:gone")).last_offset == 3  # empty, but the row keeps counting
+    assert (await store.publish("public:gone", "message", "1"))[0].offset == 4
+    await age(pool, "public:gone", "time")
+    await store.prune()
+    await age(pool, "public:gone", "emptied_at", "channels")  # empty for longer than the TTL
+    await store.prune()
+    assert await pool.fetchval("SELECT count(*) FROM channels WHERE name = 'public:gone'") == 0
+    assert (await store.publish("public:gone", "message", "1"))[0].offset == 1  # long gone: a new channel
+
+
+async def test_a_channel_with_events_again_or_with_subscribers_is_not_pruned(make_client):
+    client = await make_client({"events": {"history_ttl": 60, "prune_interval": 3600}})
+    store, pool = client.app[store_key], client.app[pool_key]
+    for channel in ("public:back", "public:followed"):
+        await store.publish(channel, "message", "1")
+        await age(pool, channel, "time")
+    await store.prune()
+    await store.publish("public:back", "message", "2")  # it came back
+    await pool.execute(
+        "INSERT INTO subscriber_counts (process, channel, count) VALUES ('elsewhere', 'public:followed', 1)"
+    )
+    await store.prune()  # unmarks public:back
+    for channel in ("public:back", "public:followed"):
+        await age(pool, channel, "emptied_at", "channels")
+    await store.prune()
+    rows = await pool.fetch("SELECT name, last_offset FROM channels ORDER BY name")
+    assert [(r["name"], r["last_offset"]) for r in rows] == [("public:back", 2), ("public:followed", 1)]

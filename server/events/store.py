@@ -19,6 +19,7 @@ NOTIFY_LIMIT = 7900  # bytes; PostgreSQL refuses payloads of 8000 and more
 EVENT_TYPE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 PRUNE_LOCK = 0x4845_5241_4C45  # one pruner at a time across processes
+SUBSCRIBERS_FRESH = 15  # seconds: a process's subscriber counts older than this are a dead process's
 
 # The event's JSON text is built once, in SQL, so the publisher's response, the NOTIFY
 # payload and every subscriber's frame are the same bytes. Channel and type names are
@@ -216,6 +217,41 @@ class EventStore:
         )
         return [(r["name"], r["last_offset"]) for r in rows]
 
+    async def _prune_channels(self, conn: asyncpg.Connection, touched: list[str]) -> int:
+        """Mark the channels that just lost their last event, unmark those that have events
+        again, and drop those empty for a whole history TTL that nobody follows.
+
+        Only the pruner writes emptied_at; a publish never needs to. The DELETE compares
+        last_offset with what it read: a publish racing it bumps the offset under the row
+        lock, the re-check fails, and the row (with its counter) stays.
+        """
+        await conn.execute(
+            """UPDATE channels c SET emptied_at = now()
+               WHERE c.name = any($1::text[]) AND c.emptied_at IS NULL
+                 AND NOT EXISTS (SELECT 1 FROM events e WHERE e.channel = c.name)""",
+            touched,
+        )
+        await conn.execute(
+            """UPDATE channels c SET emptied_at = NULL
+               WHERE c.emptied_at IS NOT NULL AND EXISTS (SELECT 1 FROM events e WHERE e.channel = c.name)"""
+        )
+        deleted = await conn.execute(
+            """DELETE FROM channels c USING (
+                   SELECT name, last_offset FROM channels d
+                   WHERE d.emptied_at < now() - make_interval(secs => $1)
+                     AND NOT EXISTS (SELECT 1 FROM events e WHERE e.channel = d.name)
+                     AND NOT EXISTS (SELECT 1 FROM idempotency_keys k WHERE k.channel = d.name)
+                     AND NOT EXISTS (SELECT 1 FROM subscriber_counts s
+                                     WHERE s.channel = d.name AND s.count > 0
+                                       AND s.updated_at > now() - make_interval(secs => $2))
+                   LIMIT 10000
+               ) AS old
+               WHERE c.name = old.name AND c.last_offset = old.last_offset""",
+            float(self.settings.history_ttl),
+            float(SUBSCRIBERS_FRESH),
+        )
+        return int(deleted.split()[-1])
+
     async def channels_page(
         self, after: str, limit: int, allowed_sql: str, params: list, scan: int
     ) -> tuple[list[tuple[str, int]], str | None]:
@@ -248,10 +284,14 @@ class EventStore:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", PRUNE_LOCK):
                 return 0
             try:
-                by_age = await conn.execute(
-                    "DELETE FROM events WHERE time < now() - make_interval(secs => $1)",
+                emptied = await conn.fetch(
+                    """WITH gone AS (
+                           DELETE FROM events WHERE time < now() - make_interval(secs => $1) RETURNING channel
+                       ) SELECT channel, count(*) AS n FROM gone GROUP BY channel""",
                     float(self.settings.history_ttl),
                 )
+                by_age = f"DELETE {sum(r['n'] for r in emptied)}"
+                await self._prune_channels(conn, [r["channel"] for r in emptied])
                 by_count = await conn.execute(
                     """DELETE FROM events e USING channels c
                        WHERE e.channel = c.name AND e."offset" <= c.last_offset - $1""",
