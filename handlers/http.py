@@ -22,7 +22,7 @@ from server.errors import (
 )
 from server.identity.auth import Identity
 from server.keys import identity_key, limiter_key, refusals_log_key, settings_key
-from server.limits.connections import Refused, open_connection
+from server.limits.connections import Lease, Refused, open_connection
 from server.web.net import client_ip
 
 INTEGER = re.compile(r"-?[0-9]{1,19}")
@@ -113,7 +113,7 @@ def page_params(request: web.Request) -> tuple[int | None, int]:
 
 
 @contextlib.contextmanager
-def realtime_slot(request: web.Request, identity: Identity | None) -> Iterator[None]:
+def realtime_slot(request: web.Request, identity: Identity | None) -> Iterator[Lease]:
     """A WebSocket's or SSE stream's place under the per-address and per-identity caps, held
     while it is open; 429 before the upgrade when a cap is full (PROTOCOL §8's Retry-After)."""
     app = request.app
@@ -137,6 +137,6 @@ def realtime_slot(request: web.Request, identity: Identity | None) -> Iterator[N
             headers={"Retry-After": str(CONNECTION_RETRY_AFTER)},
         )
     try:
-        yield
+        yield lease
     finally:
         lease.release()

@@ -9,11 +9,12 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from handlers.http import decode_json, identity_of, realtime_slot
-from server.errors import ApiError, BadRequest, Conflict, Forbidden, ValidationError
+from server.errors import ApiError, BadRequest, Conflict, Forbidden, RateLimited, ValidationError
 from server.events.store import validate_event
 from server.identity.permissions import check_permission
 from server.identity.users import identity_for_token
 from server.keys import hub_key, limiter_key, rules_key, settings_key, store_key, tokens_key, users_key
+from server.limits.connections import Lease
 from server.limits.limiter import bucket_key, refusal
 from server.realtime.connections import WebSocketConnection
 from server.storage.db import DATABASE_DOWN_ERRORS
@@ -30,11 +31,11 @@ def frame(message: dict[str, Any]) -> bytes:
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
-    with realtime_slot(request, identity_of(request)):  # 429 before the upgrade when a cap is full
-        return await serve_websocket(request)
+    with realtime_slot(request, identity_of(request)) as lease:  # 429 before the upgrade when a cap is full
+        return await serve_websocket(request, lease)
 
 
-async def serve_websocket(request: web.Request) -> web.WebSocketResponse:
+async def serve_websocket(request: web.Request, lease: Lease) -> web.WebSocketResponse:
     settings = request.app[settings_key].realtime
     # Pings come from the hub's one heartbeat loop (server/realtime/engine.py), not a timer per
     # socket: cheaper, and the pong gets the whole heartbeat that PROTOCOL §10 allows.
@@ -46,7 +47,7 @@ async def serve_websocket(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     hub = request.app[hub_key]
     with hub.attached(WebSocketConnection(hub, identity_of(request), ws, request.transport)) as conn:
-        session = Session(request, conn)
+        session = Session(request, conn, lease)
         await conn.send_json(
             frame(
                 {
@@ -72,9 +73,10 @@ async def serve_websocket(request: web.Request) -> web.WebSocketResponse:
 class Session:
     """One connection's ops. Errors become `error` replies; the connection stays open."""
 
-    def __init__(self, request: web.Request, conn: WebSocketConnection) -> None:
+    def __init__(self, request: web.Request, conn: WebSocketConnection, lease: Lease) -> None:
         self.app = request.app
         self.conn = conn
+        self.lease = lease  # the connection's place under the connection caps
         self.ip = client_ip(request, self.app[settings_key].server.trusted_proxies)
         self.refused_in_a_row = 0
 
@@ -109,6 +111,9 @@ class Session:
         identity = await identity_for_token(self.app[tokens_key], self.app[users_key], token, via="ws")
         if self.conn.identity is not None and self.conn.identity.id != identity.id:
             raise Forbidden("A connection cannot change its user")
+        cap = self.app[settings_key].limits.connections_per_identity
+        if not self.lease.add_identity(identity.id, cap):
+            raise RateLimited(f"Too many open connections for this identity (at most {cap}); close one first")
         self.conn.set_identity(identity)
         await self.reply(message_id, user=identity.public())
 

@@ -136,3 +136,12 @@ async def test_a_refused_connection_is_logged_at_warning(two_workers, caplog):
     assert (await refused_upgrade(a)).status == 429
     assert (await refused_upgrade(b)).status == 429  # counted across workers
     assert any(r.name == "herald.limits" and r.levelno == logging.WARNING for r in caplog.records)
+
+
+async def test_an_anonymous_websocket_that_identifies_itself_counts_under_that_identity(two_workers):
+    a, b = await two_workers({"connections_per_ip": 1000, "connections_per_identity": 1})
+    token = await token_for(a, "alice")
+    await WsClient.connect(a, headers=bearer(token))
+    anonymous = await WsClient.connect(b)
+    reply = await anonymous.request("auth", token=token)
+    assert (reply["op"], reply["code"]) == ("error", "rate_limited")

@@ -151,6 +151,17 @@ class Lease:
         for key in keys:
             self.counts.release(key)
 
+    def add_identity(self, identity_id: str, cap: int) -> bool:
+        """An anonymous connection that identified itself (the WebSocket `auth` op) counts
+        under that identity from now on, unless the identity is at its cap."""
+        key = f"id:{identity_id}"
+        if key in self.keys:
+            return True
+        if not self.counts.acquire(key, cap):
+            return False
+        self.keys.append(key)
+        return True
+
 
 def open_connection(
     counts: ConnectionCounts, ip: str, identity_id: str | None, per_address: int, per_identity: int
