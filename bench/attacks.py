@@ -263,8 +263,8 @@ async def descriptors(server: Server, args: argparse.Namespace) -> dict:
 
     started = time.monotonic()
     health, _ = await asyncio.gather(healthz_latencies(server, args.hold), drip())
-    closed_idle = sum([await closed_by_server(reader) for reader, _ in idle])
-    closed_slow = sum([await closed_by_server(reader) for reader, _ in slow])
+    closed_idle = sum(await asyncio.gather(*(closed_by_server(reader) for reader, _ in idle)))
+    closed_slow = sum(await asyncio.gather(*(closed_by_server(reader) for reader, _ in slow)))
     held = round(time.monotonic() - started, 1)
     for _, writer in idle + slow:
         writer.transport.abort()
