@@ -44,7 +44,7 @@ def migrate(settings: Settings) -> int:
     from server.storage import db
 
     with database(settings) as (settings, description):
-        applied = asyncio.run(db.migrate(settings.database.url))
+        applied = asyncio.run(db.migrate(settings.database.url, schema=settings.database.schema))
         print(f"{description}: {len(applied)} migration(s) applied {' '.join(applied)}".rstrip())
     return 0
 

@@ -35,7 +35,9 @@ log = logging.getLogger("herald.realtime")
 async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[settings_key]
     metrics = app[metrics_key]
-    store = app[store_key] = EventStore(app[pool_key], settings.events, on_published=metrics.published.inc)
+    store = app[store_key] = EventStore(
+        app[pool_key], settings.events, on_published=metrics.published.inc, publish_wait=settings.database.publish_wait
+    )
     realtime = settings.realtime
     hub = app[hub_key] = Hub(store, realtime.outbound_buffer, realtime.max_replays, realtime.heartbeat)
     presence = app[presence_key] = Presence(app[pool_key], hub)
@@ -43,7 +45,9 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
     async def on_user_change(user_id: str) -> None:
         await follow_user_change(hub, app[users_key], app[sessions_key], app[rules_key], user_id)
 
-    broker = app[broker_key] = Broker(settings.database.url, store, hub.dispatch, on_user_change)
+    broker = app[broker_key] = Broker(
+        settings.database.url, store, hub.dispatch, on_user_change, schema=settings.database.schema
+    )
     hub.broker = broker
     scheduler = aiojobs.Scheduler(close_timeout=2)
     for job in (
