@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp_cors
 from aiohttp import web
 
-from handlers import auth, channels, events, health, metrics, openapi, sse, static, users, ws
+from handlers import auth, batch, channels, events, health, metrics, openapi, sse, static, users, ws
 from handlers.http import expect_continue
 from middlewares.access_log import access_log_middleware
 from middlewares.auth import auth_middleware, herald_session_middleware
@@ -106,6 +106,8 @@ def add_routes(app: web.Application) -> None:
     router.add_delete("/api/users/{id}", users.delete_user)
     router.add_get("/api/channels", channels.list_channels)
     router.add_get("/api/channels/{channel}/events", events.history)
+    router.add_post("/api/events", batch.publish_events)
+    router.add_post("/api/broadcast", batch.broadcast)
     router.add_get("/api/openapi.json", openapi.document_handler())
     router.add_get("/ws", ws.websocket)
     router.add_get("/sse", sse.sse)

@@ -104,6 +104,8 @@ class LimitsSettings:
     connections_per_ip: int = 256
     connections_per_identity: int = 64
     channels_per_connection: int = 128
+    batch_events: int = 1000  # events of one POST /api/events, channels of one POST /api/broadcast
+    batch_body_bytes: int = 1048576  # body limit of those two endpoints (instead of body_bytes)
 
 
 @dataclass(frozen=True, slots=True)
