@@ -74,7 +74,12 @@ async def raw_websocket_that_never_reads(client) -> asyncio.StreamWriter:
     client would keep reading into memory in the background."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect((client.host, client.port))
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (client.host, client.port))
+    except BaseException:
+        sock.close()
+        raise
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
     key = base64.b64encode(os.urandom(16)).decode()
     writer.write(
@@ -94,20 +99,19 @@ def masked_text_frame(payload: bytes) -> bytes:
 
 async def test_a_replay_the_client_does_not_read_closes_it_as_slow_and_frees_the_replay_budget(make_client):
     """max_replays = 1: a stalled replay holds the budget until the stall closes it (4008)."""
-    client = await make_client({"realtime": {"max_replays": 1, "heartbeat": 1}})
+    client = await make_client({"realtime": {"max_replays": 1, "heartbeat": 3600}})  # no ping closes it first
+    hub = client.app[hub_key]
+    hub.replay_stall = 3.0  # a write not drained in 3 s: slow consumer
     await store_events(client, "public:big", 200, BIG)  # 12 MB: more than loopback buffers hold
     stalled = await raw_websocket_that_never_reads(client)
-    subscribe = orjson.dumps({"op": "subscribe", "id": 1, "channel": "public:big", "offset": 0})
-    stalled.write(masked_text_frame(subscribe))
-    hub = client.app[hub_key]
-
-    async def replay_budget_taken() -> bool:
-        return hub.replays.locked()
-
-    await wait_for(replay_budget_taken, timeout=DEADLINE)
-    waiting = await WsClient.connect(client, max_msg_size=0)
-    await waiting.subscribe("public:big", offset=198)  # its replay waits for the budget...
-    events = await waiting.events(2, timeout=DEADLINE)  # ...which the slow-consumer close frees
-    assert [e["offset"] for e in events] == [199, 200]
-    assert hub.slow_closes == 1
-    stalled.close()
+    try:
+        subscribe = orjson.dumps({"op": "subscribe", "id": 1, "channel": "public:big", "offset": 0})
+        stalled.write(masked_text_frame(subscribe))
+        await wait_for(hub.replays.locked, timeout=DEADLINE)  # its replay holds the budget, blocked on the socket
+        waiting = await WsClient.connect(client, max_msg_size=0)
+        await waiting.subscribe("public:big", offset=198)  # this replay waits for the budget...
+        events = await waiting.events(2, timeout=DEADLINE)
+        assert hub.slow_closes == 1  # ...which only the slow-consumer close of the stalled one freed
+        assert [e["offset"] for e in events] == [199, 200]
+    finally:
+        stalled.transport.abort()
