@@ -1,23 +1,19 @@
 """Connections in reserve (past the worker's soft connection cap) serve only health checks
-and admins: what the reserve is kept for (server/web/protocol.py)."""
+and admins: what the reserve is kept for (server/web/protocol.py). Checked in the auth
+frame, once the identity is known."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from server.errors import Unavailable
-from server.keys import identity_key
+from server.identity.auth import Identity
 
 RESERVE_PATHS = frozenset({"/healthz", "/readyz"})
 
 
-@web.middleware
-async def reserve_middleware(request: web.Request, handler):
-    if getattr(request.protocol, "in_reserve", False):
-        identity = request[identity_key]
-        if request.path not in RESERVE_PATHS and not (identity is not None and identity.is_admin):  # type: ignore[attr-defined]
-            raise Unavailable(
-                "The server is at its connection limit; try again shortly",
-                headers={"Retry-After": "1", "Connection": "close"},
-            )
-    return await handler(request)
+def check_reserve(request: web.Request, identity: Identity | None) -> None:
+    if not getattr(request.protocol, "in_reserve", False) or request.path in RESERVE_PATHS:
+        return
+    if identity is None or not identity.is_admin:
+        raise Unavailable("The server is at its connection limit; try again shortly", headers={"Retry-After": "1"})

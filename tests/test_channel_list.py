@@ -117,3 +117,22 @@ async def test_a_channel_with_events_again_or_with_subscribers_is_not_pruned(mak
     await store.prune()
     rows = await pool.fetch("SELECT name, last_offset FROM channels ORDER BY name")
     assert [(r["name"], r["last_offset"]) for r in rows] == [("public:back", 2), ("public:followed", 1)]
+
+
+async def test_the_sql_filter_knows_issuer_id_prefixes_and_leaves_grants_to_may(client):
+    from server.identity.permissions import compile_grants
+
+    prefixed = compile_rules(
+        [ChannelRule("user:{sub}", ("owner",), ()), ChannelRule("*", ("subscriber",), ())], id_prefixes=("app:",)
+    )
+    names = ["user:app:42", "user:app:43", "user:42", "news", "granted:1"]
+    await client.app[pool_key].execute(
+        "INSERT INTO channels (name, last_offset) SELECT n, 1 FROM unnest($1::text[]) AS n", names
+    )
+    store = client.app[store_key]
+    app_user = Identity("app:42", "app user", frozenset())
+    allowed_sql, params = subscribable_sql(app_user, prefixed, first_param=4, id_prefixes=("app:",))
+    found, _ = await store.channels_page("", 100, allowed_sql, params, 5000)
+    assert [name for name, _ in found] == ["user:app:42"]  # user:app:43 matched the owner rule: not hers
+    granted = Identity("app:42", "app user", frozenset(), grants=compile_grants({"subscribe": ["granted:*"]}, "app:42"))
+    assert subscribable_sql(granted, prefixed, first_param=4) == ("true", [])  # may() decides for grants

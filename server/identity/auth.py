@@ -7,13 +7,16 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import bcrypt
 import jwt
 
 from server.identity.secrets import load_or_create_secret
 from server.settings import AuthSettings
+
+if TYPE_CHECKING:
+    from server.identity.permissions import Grants
 
 BCRYPT_MAX_BYTES = 72
 VERIFIED_CACHE_SIZE = 10_000
@@ -22,14 +25,17 @@ VERIFIED_CACHE_SIZE = 10_000
 @dataclass(frozen=True, slots=True)
 class Identity:
     """Who is calling. `via` says which credential proved it; `expires` is the token's exp
-    (or the session's end). `session` is the browser session behind a cookie identity: a
-    connection opened with it ends when that session does (logout, expiry, a disable)."""
+    (or the session's end), `issued_at` its iat (what a revocation compares), `grants` an
+    application token's `channels` claim (PROTOCOL §13). `session` is the browser session
+    behind a cookie identity: a connection opened with it ends when that session does."""
 
     id: str
     username: str
     roles: frozenset[str]
     via: str = "bearer"
     expires: float | None = None
+    issued_at: float | None = None
+    grants: Grants | None = None
     session: str | None = None
 
     @property
