@@ -12,7 +12,7 @@ import pytest
 
 from server.app import create_app
 from server.limits.connections import ConnectionCounts, address_key, open_connection
-from server.limits.limiter import RateLimiter
+from server.limits.limiter import RateLimiter, stripe_locks
 from tests.conftest import wait_for
 from tests.helpers import SseClient, WsClient, bearer, token_for
 
@@ -86,7 +86,7 @@ def hold_one_and_die(counts: ConnectionCounts, ready) -> None:
 
 
 def test_a_dead_workers_connections_are_dropped_when_the_supervisor_reaps_it():
-    counts = ConnectionCounts(blocks=16)
+    counts = ConnectionCounts(stripe_locks(64), blocks=16)
     ready = multiprocessing.get_context("fork").SimpleQueue()
     child = multiprocessing.get_context("fork").Process(target=hold_one_and_die, args=(counts, ready))
     child.start()
@@ -103,7 +103,7 @@ def test_a_dead_workers_connections_are_dropped_when_the_supervisor_reaps_it():
 def test_an_ipv6_client_counts_its_whole_64_as_one_address():
     assert address_key("2001:db8::1") == address_key("2001:db8::ffff:1") == "ip:2001:db8::/64"
     assert address_key("::ffff:10.0.0.1") == address_key("10.0.0.1") == "ip:10.0.0.1"
-    counts = ConnectionCounts(blocks=4)
+    counts = ConnectionCounts(stripe_locks(64), blocks=4)
     held = [open_connection(counts, f"2001:db8::{i}", None, 2, 2) for i in range(3)]
     assert [type(h).__name__ for h in held] == ["Lease", "Lease", "Refused"]
 

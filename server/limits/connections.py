@@ -11,16 +11,15 @@ count, which errs on the side of the cap for the moments it takes.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import ipaddress
 import mmap
 import os
 import struct
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 SLOT = struct.Struct("=qqq")  # key hash, pid, open connections of that pid
 PROBES = 32  # slots per neighbourhood: one per (key, worker) that has connections open
@@ -41,6 +40,11 @@ def address_key(ip: str) -> str:
     return f"ip:{address}"
 
 
+class StripeLocks(Protocol):
+    def acquire(self, stripe: int) -> None: ...
+    def release(self, stripe: int) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Refused:
     """Which cap refused a connection: for the 429 and the log line."""
@@ -52,11 +56,12 @@ class Refused:
 class ConnectionCounts:
     """Create before forking; every process then shares the same counts."""
 
-    def __init__(self, blocks: int = 4096) -> None:
+    def __init__(self, locks: StripeLocks, blocks: int = 4096) -> None:
+        """`locks`: LOCK_STRIPES process-shared locks that a dead holder does not keep (the
+        rate limiter's kind, server/limits/limiter.py's stripe_locks)."""
         self.blocks = blocks
         self._memory = mmap.mmap(-1, blocks * PROBES * SLOT.size)
-        self._lock_fd, path = tempfile.mkstemp(prefix="herald-connections-")
-        os.unlink(path)
+        self.locks = locks
         salt = os.urandom(16)
 
         @functools.lru_cache(maxsize=65536)
@@ -66,18 +71,14 @@ class ConnectionCounts:
 
         self.key_hash = key_hash
 
-    def __del__(self) -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            os.close(self._lock_fd)
-
     @contextlib.contextmanager
     def _locked(self, block: int) -> Iterator[None]:
         stripe = block % LOCK_STRIPES
-        fcntl.lockf(self._lock_fd, fcntl.LOCK_EX, 1, stripe)
+        self.locks.acquire(stripe)
         try:
             yield
         finally:
-            fcntl.lockf(self._lock_fd, fcntl.LOCK_UN, 1, stripe)
+            self.locks.release(stripe)
 
     def _slots(self, block: int) -> Iterator[tuple[int, int, int, int]]:
         base = block * PROBES * SLOT.size

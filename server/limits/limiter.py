@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from server.errors import RateLimited
 from server.identity.auth import Identity
+from server.limits.connections import LOCK_STRIPES as CONNECTION_LOCK_STRIPES
 from server.limits.connections import ConnectionCounts
 from server.settings import LimitsSettings
 
@@ -129,7 +130,7 @@ class RateLimiter:
 
         self.key_hash = key_hash
         # Open WebSocket/SSE connections per address and identity, shared the same way.
-        self.connections = ConnectionCounts()
+        self.connections = ConnectionCounts(stripe_locks(CONNECTION_LOCK_STRIPES))
 
     def take(self, key: str, rate: float, burst: int, now: float | None = None) -> Decision:
         """Take one token from key's bucket (refilling at rate tokens/s, holding at most burst)."""
@@ -160,14 +161,14 @@ class RateLimiter:
         h = self.key_hash(key)
         block = h % self.blocks
         stripe = block % LOCK_STRIPES
-        fcntl.lockf(self._lock_fd, fcntl.LOCK_EX, 1, stripe)
+        self.locks.acquire(stripe)
         try:
             offset, found = self._slot(h, block)
             if found:
                 _, tokens, last = SLOT.unpack_from(self._memory, offset)
                 SLOT.pack_into(self._memory, offset, h, min(float(burst), tokens + 1.0), last)
         finally:
-            fcntl.lockf(self._lock_fd, fcntl.LOCK_UN, 1, stripe)
+            self.locks.release(stripe)
 
     def take_request(self, limits: LimitsSettings, key: str) -> Decision | None:
         """One request's (or WebSocket publish's) token; None when limiting is off (rate = 0)."""
