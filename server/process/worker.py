@@ -16,6 +16,7 @@ from server.keys import drain_key, hub_key
 from server.limits.limiter import RateLimiter
 from server.process.drain import DRAIN_GRACE, drain
 from server.settings import Settings
+from server.web.protocol import HeraldRunner
 
 log = logging.getLogger("herald.worker")
 
@@ -39,7 +40,7 @@ async def serve_app(
     """Serve until SIGTERM/SIGINT (or `stop`, for tests), then drain: stop accepting, let
     keep-alive clients leave between requests (server/process/drain.py), on_shutdown,
     finish in-flight."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
+    runner = HeraldRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     if stop is None:
         stop = asyncio.Event()
