@@ -62,6 +62,7 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
         on_reconnect=app[revocations_key].reload,
     )
     hub.broker = broker
+    hub.revoked = app[revocations_key].refuses
     scheduler = aiojobs.Scheduler(close_timeout=2)
     for job in (
         broker.listen(),
