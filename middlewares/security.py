@@ -10,22 +10,11 @@ from collections.abc import Callable, Sequence
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, istr
 
+from server.web.headers import API_CSP, PAGE_CSP, SECURITY_HEADERS
 from server.web.net import is_tls, parse_networks
 
-PAGE_CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-)
-API_CSP = "default-src 'none'; frame-ancestors 'none'"
 # istr names: multidict then skips folding the name's case on every response.
-STATIC_HEADERS = CIMultiDict(
-    {
-        istr("X-Content-Type-Options"): "nosniff",
-        istr("X-Frame-Options"): "DENY",
-        istr("Referrer-Policy"): "no-referrer",
-        hdrs.SERVER: "Herald",  # aiohttp would otherwise announce its version
-    }
-)
+STATIC_HEADERS = CIMultiDict({istr(name): value for name, value in SECURITY_HEADERS.items()})
 CSP_HEADER = istr("Content-Security-Policy")
 
 Adder = Callable[[web.Request, web.StreamResponse], None]
