@@ -11,10 +11,22 @@ from aiohttp import web
 
 from server.events.broker import Broker
 from server.events.store import EventStore
-from server.keys import broker_key, hub_key, metrics_key, pool_key, presence_key, settings_key, store_key, users_key
+from server.keys import (
+    broker_key,
+    hub_key,
+    metrics_key,
+    pool_key,
+    presence_key,
+    roster_key,
+    rules_key,
+    settings_key,
+    store_key,
+    users_key,
+)
 from server.realtime.connections import Connection, SseConnection, WebSocketConnection
 from server.realtime.hub import Hub
-from server.realtime.presence import Presence
+from server.realtime.presence import PRESENCE_CHANNEL, Presence
+from server.realtime.roster import Roster
 from server.storage.db import DATABASE_DOWN_ERRORS
 
 log = logging.getLogger("herald.realtime")
@@ -25,7 +37,10 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics = app[metrics_key]
     store = app[store_key] = EventStore(app[pool_key], settings.events, on_published=metrics.published.inc)
     hub = app[hub_key] = Hub(store, settings.realtime.outbound_buffer)
-    presence = app[presence_key] = Presence(app[pool_key], hub)
+    presence = app[presence_key] = Presence(app[pool_key], app[rules_key])
+    roster = app[roster_key] = Roster(presence, hub, settings.realtime.presence_grace)
+    presence.roster = roster
+    hub.presence = presence
 
     async def on_user_change(user_id: str) -> None:
         users = app[users_key]
@@ -36,11 +51,13 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
 
     broker = app[broker_key] = Broker(settings.database.url, store, hub.dispatch, on_user_change)
     hub.broker = broker
+    broker.listen_also(PRESENCE_CHANNEL, roster.on_notify, roster.on_reconnect)
     scheduler = aiojobs.Scheduler(close_timeout=2)
     for job in (
         broker.listen(),
         broker.process(),
         presence.report_forever(),
+        roster.run(),
         prune_forever(store, settings.events.prune_interval),
         beat_forever(hub, settings.realtime.sse_ping, SseConnection, SseConnection.ping),
         beat_forever(hub, settings.realtime.heartbeat, WebSocketConnection, WebSocketConnection.heartbeat),

@@ -27,6 +27,8 @@ from server.realtime.wire import EncodedEvent
 if TYPE_CHECKING:
     from server.events.broker import Broker
     from server.realtime.connections import Connection
+    from server.realtime.presence import Presence
+    from server.realtime.wire import EncodedNotice
 
 log = logging.getLogger("herald.hub")
 
@@ -36,7 +38,7 @@ REPLAY_PAGE = 500
 class Subscription:
     """One connection following one channel; `pending` buffers live events until replay ends."""
 
-    __slots__ = ("channel", "conn", "last_sent", "pending", "pending_bytes")
+    __slots__ = ("channel", "conn", "last_sent", "member", "pending", "pending_bytes")
 
     def __init__(self, conn: Connection, channel: str) -> None:
         self.conn = conn
@@ -44,6 +46,7 @@ class Subscription:
         self.last_sent = 0
         self.pending: list[EncodedEvent] | None = []
         self.pending_bytes = 0
+        self.member = ""  # its key in the presence counts, fixed at subscribe (server/realtime/presence.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,7 @@ class Hub:
         self.store = store
         self.outbound_limit = outbound_limit
         self.broker: Broker | None = None
+        self.presence: Presence | None = None
         self.channels: dict[str, dict[Connection, Subscription]] = {}
         self.connections: dict[Connection, None] = {}
         self.counts_changed = asyncio.Event()
@@ -99,9 +103,14 @@ class Hub:
         offset if history still reaches back, else start at the end, not recovered.
         """
         sub = Subscription(conn, channel)
+        first = channel not in self.channels
         self.channels.setdefault(channel, {})[conn] = sub
         conn.subscriptions[channel] = sub
         self.counts_changed.set()
+        if self.presence is not None:
+            if first:
+                self.presence.served(channel)
+            sub.member = self.presence.added(channel, conn.identity)
         try:
             if self.broker is not None:
                 await self.broker.serve(channel)
@@ -144,10 +153,14 @@ class Hub:
         if sub is None or subscribers is None:
             return
         subscribers.pop(conn, None)
+        if self.presence is not None:
+            self.presence.removed(channel, sub.member)
         if not subscribers:
             del self.channels[channel]
             if self.broker is not None:
                 self.broker.release(channel)
+            if self.presence is not None:
+                self.presence.released(channel)
         self.counts_changed.set()
 
     def counts(self) -> dict[str, int]:
@@ -171,6 +184,20 @@ class Hub:
             elif encoded.offset > sub.last_sent and not sub.conn.closed:
                 sub.conn.deliver(sub, encoded)
                 delivered[sub.conn.kind] += 1
+
+    def announce(self, channel: str, notice: EncodedNotice, member: str) -> int:
+        """A presence join/leave to this process's subscribers of the channel, except the member's
+        own subscriptions; returns how many were written. Not an event: nothing is buffered for
+        replay and no position moves."""
+        subscribers = self.channels.get(channel)
+        if not subscribers:
+            return 0
+        sent = 0
+        for sub in list(subscribers.values()):
+            if sub.member != member and not sub.conn.closed:
+                sub.conn.send_notice(notice)
+                sent += 1
+        return sent
 
     def close_slow(self, conn: Connection) -> None:
         if conn.closed:
