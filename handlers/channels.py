@@ -1,12 +1,12 @@
-"""The channels a caller may follow, with live subscriber counts (PROTOCOL §4)."""
+"""The channels a caller may follow, with live subscriber counts (PROTOCOL §4), and who is here (§14)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from handlers.http import json_response, query_int, require_identity
+from handlers.http import identity_of, json_response, query_int, require_identity
 from server.errors import ValidationError
-from server.identity.permissions import is_valid_channel, may
+from server.identity.permissions import check_presence, is_valid_channel, may
 from server.keys import presence_key, rules_key, store_key
 
 SCAN_BATCH = 500
@@ -33,3 +33,9 @@ async def list_channels(request: web.Request) -> web.Response:
     counts = await request.app[presence_key].totals([name for name, _ in found])
     items = [{"name": name, "last_offset": last, "subscribers": counts[name]} for name, last in found]
     return json_response({"items": items, "next": found[-1][0] if len(found) == limit else None})
+
+
+async def presence(request: web.Request) -> web.Response:
+    channel = request.match_info["channel"]
+    check_presence(identity_of(request), channel, request.app[rules_key])
+    return json_response(await request.app[presence_key].members(channel))

@@ -11,9 +11,9 @@ from aiohttp import WSMsgType, web
 from handlers.http import decode_json, identity_of
 from server.errors import ApiError, BadRequest, Conflict, Forbidden, ValidationError
 from server.events.store import validate_event
-from server.identity.permissions import check_permission
+from server.identity.permissions import check_permission, check_presence
 from server.identity.users import identity_for_token
-from server.keys import hub_key, limiter_key, rules_key, settings_key, store_key, tokens_key, users_key
+from server.keys import hub_key, limiter_key, presence_key, rules_key, settings_key, store_key, tokens_key, users_key
 from server.limits.limiter import bucket_key, refusal
 from server.realtime.connections import WebSocketConnection
 from server.storage.db import DATABASE_DOWN_ERRORS
@@ -134,6 +134,11 @@ class Session:
             raise ValidationError.field("channel", "is required")
         self.app[hub_key].unsubscribe(self.conn, channel)
         await self.reply(message_id, channel=channel)
+
+    async def op_presence(self, message: dict[str, Any], message_id: Any) -> None:
+        channel = message.get("channel")
+        check_presence(self.conn.identity, channel, self.app[rules_key])
+        await self.reply(message_id, **await self.app[presence_key].members(channel))
 
     def check_rate(self) -> None:
         """WebSocket publishes draw on the same bucket as the caller's REST requests."""

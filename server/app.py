@@ -102,6 +102,7 @@ def add_routes(app: web.Application) -> None:
     router.add_get("/api/channels", channels.list_channels)
     router.add_post("/api/channels/{channel}/events", events.publish)
     router.add_get("/api/channels/{channel}/events", events.history)
+    router.add_get("/api/channels/{channel}/presence", channels.presence)
     router.add_get("/api/openapi.json", openapi.document_handler())
     router.add_get("/ws", ws.websocket)
     router.add_get("/sse", sse.sse)
