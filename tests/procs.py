@@ -38,10 +38,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_settings(path: Path, limits: dict[str, Any] | None = None) -> Path:
+def write_settings(path: Path, limits: dict[str, Any] | None = None, rules: str = CHANNEL_RULES) -> Path:
     lines = ["[database]", "pool_size = 4", "[limits]"]
     lines += [f"{key} = {value}" for key, value in {**GENEROUS_LIMITS, **(limits or {})}.items()]
-    path.write_text("\n".join(lines) + "\n" + CHANNEL_RULES)
+    path.write_text("\n".join(lines) + "\n" + rules)
     return path
 
 
@@ -73,9 +73,11 @@ class Herald:
         name: str = "herald",
         secrets_dir: Path | None = None,
         limits: dict[str, Any] | None = None,
+        rules: str = CHANNEL_RULES,
+        environment: dict[str, str] | None = None,
     ) -> Herald:
         directory.mkdir(parents=True, exist_ok=True)
-        settings = write_settings(directory / f"{name}.toml", limits)
+        settings = write_settings(directory / f"{name}.toml", limits, rules)
         port = free_port()
         env = child_env(
             DATABASE_URL=database_url,
@@ -85,6 +87,7 @@ class Herald:
             HERALD_AUTH_SECRETS_DIR=str(secrets_dir or directory / "secrets"),
             HERALD_SERVER_SHUTDOWN_TIMEOUT="5",
             HERALD_REALTIME_SSE_PING="0.5",
+            **(environment or {}),
         )
         log_path = directory / f"{name}.stderr.log"
         command = [sys.executable, "run.py", "serve", "--settings", str(settings)]
