@@ -11,10 +11,13 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 
 from server.app import create_app
+from server.identity.permissions import compile_rules, has_presence
 from server.keys import hub_key, presence_key, roster_key
 from server.realtime import presence as presence_module
+from server.settings import SettingsError, build_settings
 from tests.conftest import TEST_CHANNEL_RULES, wait_for
 from tests.helpers import SseClient, WsClient, add_user, bearer, token_for
 
@@ -430,3 +433,33 @@ async def test_a_database_outage_does_not_lose_presence(make_client, postgres):
         assert client.app[presence_key].registered
     finally:
         await close(a, b)
+
+
+# settings
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"channels": [{"pattern": "a:*", "presence": "yes"}]}, "channels[0].presence"),
+        ({"channels": [{"pattern": "a:*", "presense": True}]}, "channels[0].presense"),
+        ({"realtime": {"presence_grace": -1}}, "realtime.presence_grace"),
+        ({"realtime": {"presence_grace": "soon"}}, "realtime.presence_grace"),
+    ],
+)
+def test_bad_presence_settings_name_their_key(raw, key):
+    with pytest.raises(SettingsError) as caught:
+        build_settings(raw, {})
+    assert caught.value.key == key
+
+
+def test_presence_is_off_by_default_and_the_grace_may_be_zero():
+    settings = build_settings(
+        {"channels": [{"pattern": "a:*"}, {"pattern": "b:*", "presence": True}], "realtime": {"presence_grace": 0}},
+        {"HERALD_REALTIME_PRESENCE_GRACE": "2.5"},
+    )
+    assert [rule.presence for rule in settings.channels] == [False, True]
+    assert settings.realtime.presence_grace == 2.5
+    rules = compile_rules(settings.channels)
+    assert (has_presence("a:1", rules), has_presence("b:1", rules), has_presence("c:1", rules)) == (False, True, False)
+    assert build_settings({}, {}).realtime.presence_grace == 5.0

@@ -204,7 +204,7 @@ class SseConnection(Connection):
         await self.response.write(message)
 
     def send_notice(self, notice: EncodedNotice) -> None:
-        if self.transport.is_closing():
+        if self.transport is None or self.transport.is_closing():
             self.close(1000, "client left")
             return
         self.transport.write(notice.sse_chunk if self.chunked else notice.sse_message)

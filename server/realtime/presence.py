@@ -151,6 +151,11 @@ class Presence:
         if self.roster is not None:
             self.roster.unwatch(channel)
 
+    def lost(self) -> None:
+        """Another process swept this one (it could not beat for a while): register and rewrite."""
+        self.registered = False
+        self.changed.set()
+
     def _touch(self, key: Key) -> None:
         self.dirty[key] = None
         self.changed.set()

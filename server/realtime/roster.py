@@ -146,6 +146,8 @@ class Roster:
     def apply(self, notice: dict, now: float) -> None:
         gone = notice.get("gone")
         if gone:
+            if self.presence.process in gone:
+                self.presence.lost()  # swept while it could not beat: write everything again now
             for view in self.views.values():
                 for member, processes in list(view.holders.items()):
                     if any(process in processes for process in gone):
