@@ -7,6 +7,7 @@ of a worker) are in test_processes.py.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import asyncpg
@@ -257,6 +258,30 @@ async def test_the_joining_subscription_does_not_receive_its_own_join_and_anonym
         assert who(await next_presence(first)) == ("join", "marker")
     finally:
         await close(watcher, first)
+
+
+async def test_a_burst_of_joins_written_together_arrives_whole_on_both_transports(make_client):
+    """A tick's joins go to each subscriber in one write (frames, or SSE messages in one chunk)."""
+    client = await make_client(presence_settings(grace=0))
+    stream = await SseClient.connect(client, "channel=lobby:burst")
+    watcher = await ws_as(client, None, "lobby:burst")
+    tokens = [await token_for(client, f"u{n:02d}") for n in range(20)]
+    roster = client.app[roster_key]
+    try:
+        await until_presence(client, "lobby:burst", (2, []))
+        sent_before = roster.sent
+        tabs = await asyncio.gather(*(ws_as(client, token, "lobby:burst") for token in tokens))
+        joins = [who(await next_presence(watcher)) for _ in tokens]
+        assert sorted(joins) == [("join", f"u{n:02d}") for n in range(20)]
+        names = []
+        while len(names) < 20:
+            fields = await wait_for_data(stream)
+            names.append(orjson.loads(fields["data"])["user"]["username"])
+        assert sorted(names) == [f"u{n:02d}" for n in range(20)]
+        assert roster.sent - sent_before >= 40  # messages, counted once per subscriber
+        await close(*tabs)
+    finally:
+        await close(watcher, stream)
 
 
 async def test_a_reconnect_within_the_grace_period_sends_neither_leave_nor_join(make_client):

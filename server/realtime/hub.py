@@ -22,13 +22,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from server.events.store import EventStore, StoredEvent
-from server.realtime.wire import EncodedEvent
+from server.realtime.wire import EncodedEvent, EncodedNotice
 
 if TYPE_CHECKING:
     from server.events.broker import Broker
     from server.realtime.connections import Connection
     from server.realtime.presence import Presence
-    from server.realtime.wire import EncodedNotice
 
 log = logging.getLogger("herald.hub")
 
@@ -185,18 +184,29 @@ class Hub:
                 sub.conn.deliver(sub, encoded)
                 delivered[sub.conn.kind] += 1
 
-    def announce(self, channel: str, notice: EncodedNotice, member: str) -> int:
-        """A presence join/leave to this process's subscribers of the channel, except the member's
-        own subscriptions; returns how many were written. Not an event: nothing is buffered for
-        replay and no position moves."""
+    def announce(self, channel: str, notices: list[tuple[str, EncodedNotice]]) -> int:
+        """Presence join/leave messages (member, notice) to this process's subscribers of the
+        channel, as one write per subscriber; a member's own subscriptions skip its notices.
+        Returns how many messages were written. Not events: nothing is buffered for replay and
+        no position moves."""
         subscribers = self.channels.get(channel)
-        if not subscribers:
+        if not subscribers or not notices:
             return 0
+        whole = EncodedNotice.joined([notice for _, notice in notices])
+        members = {member for member, _ in notices}
         sent = 0
         for sub in list(subscribers.values()):
-            if sub.member != member and not sub.conn.closed:
-                sub.conn.send_notice(notice)
-                sent += 1
+            if sub.conn.closed:
+                continue
+            if sub.member in members:
+                own = [notice for member, notice in notices if member != sub.member]
+                if not own:
+                    continue
+                sub.conn.send_notice(EncodedNotice.joined(own))
+                sent += len(own)
+            else:
+                sub.conn.send_notice(whole)
+                sent += len(notices)
         return sent
 
     def close_slow(self, conn: Connection) -> None:

@@ -172,15 +172,17 @@ class Roster:
             self.due = min(self.due, now + TICK)
 
     def announce(self, now: float) -> None:
-        """Tell subscribers what changed since they were last told; absences younger than the grace wait."""
+        """Tell subscribers what changed since they were last told; absences younger than the grace
+        wait. Everything a tick decides for a channel goes to each subscriber in one write."""
         due = math.inf
         for channel, view in self.views.items():
+            notices: list[tuple[str, EncodedNotice]] = []
             for member in list(view.dirty):
                 if member in view.holders:
                     del view.dirty[member]
                     if member not in view.announced:
                         view.announced.add(member)
-                        self.send(channel, "join", member, view.usernames.get(member, ""))
+                        notices.append(notice(channel, "join", member, view.usernames.get(member, "")))
                     continue
                 since = view.absent_since.get(member, now)
                 if member in view.announced and now - since < self.grace:
@@ -191,9 +193,11 @@ class Roster:
                 username = view.usernames.pop(member, "")
                 if member in view.announced:
                     view.announced.discard(member)
-                    self.send(channel, "leave", member, username)
+                    notices.append(notice(channel, "leave", member, username))
+            if notices:
+                self.sent += self.hub.announce(channel, notices)
         self.due = due
 
-    def send(self, channel: str, op: str, member: str, username: str) -> None:
-        notice = EncodedNotice.of({"op": op, "channel": channel, "user": {"id": member, "username": username}})
-        self.sent += self.hub.announce(channel, notice, member)
+
+def notice(channel: str, op: str, member: str, username: str) -> tuple[str, EncodedNotice]:
+    return member, EncodedNotice.of({"op": op, "channel": channel, "user": {"id": member, "username": username}})

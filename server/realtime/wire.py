@@ -106,3 +106,11 @@ class EncodedNotice:
         payload = orjson.dumps(message)
         sse = sse_message(payload)
         return cls(websocket_text_frame(payload), sse, http_chunk(sse))
+
+    @classmethod
+    def joined(cls, notices: list[EncodedNotice]) -> EncodedNotice:
+        """Several notices as one write: frames and SSE messages concatenate, in one HTTP chunk."""
+        if len(notices) == 1:
+            return notices[0]
+        sse = b"".join(n.sse_message for n in notices)
+        return cls(b"".join(n.ws_frame for n in notices), sse, http_chunk(sse))
