@@ -38,4 +38,5 @@ async def list_channels(request: web.Request) -> web.Response:
 async def presence(request: web.Request) -> web.Response:
     channel = request.match_info["channel"]
     check_presence(identity_of(request), channel, request.app[rules_key])
-    return json_response(await request.app[presence_key].members(channel))
+    body = await request.app[presence_key].members(channel)
+    return web.Response(body=body, content_type="application/json")

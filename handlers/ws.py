@@ -138,7 +138,8 @@ class Session:
     async def op_presence(self, message: dict[str, Any], message_id: Any) -> None:
         channel = message.get("channel")
         check_presence(self.conn.identity, channel, self.app[rules_key])
-        await self.reply(message_id, **await self.app[presence_key].members(channel))
+        body = await self.app[presence_key].members(channel)
+        await self.conn.send_json(b'{"op":"ok","id":' + orjson.dumps(message_id) + b"," + body[1:])
 
     def check_rate(self) -> None:
         """WebSocket publishes draw on the same bucket as the caller's REST requests."""

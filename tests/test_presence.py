@@ -488,3 +488,22 @@ def test_presence_is_off_by_default_and_the_grace_may_be_zero():
     rules = compile_rules(settings.channels)
     assert (has_presence("a:1", rules), has_presence("b:1", rules), has_presence("c:1", rules)) == (False, True, False)
     assert build_settings({}, {}).realtime.presence_grace == 5.0
+
+
+async def test_names_from_any_issuer_are_escaped_in_the_answer(make_client, database_url):
+    """Usernames of application tokens (PROTOCOL §13) are not restricted like Herald's own."""
+    client = await make_client(presence_settings())
+    token = await token_for(client, "alice")
+    odd = 'quote " backslash \\ tab \t zoë </script>'
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("INSERT INTO presence_processes VALUES ('other:1:x', now())")
+        await conn.execute("INSERT INTO presence_entries VALUES ('other:1:x', 'room:odd', 'app:7', $1, 1)", odd)
+        body = await presence_of(client, "room:odd", token)
+        assert body == {
+            "channel": "room:odd",
+            "clients": 1,
+            "users": [{"id": "app:7", "username": odd, "connections": 1}],
+        }
+    finally:
+        await conn.close()

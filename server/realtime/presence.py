@@ -22,7 +22,8 @@ import logging
 import os
 import secrets
 import socket
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING
 
 import asyncpg
 import orjson
@@ -73,12 +74,21 @@ FROM presence_entries e JOIN presence_processes p USING (process)
 WHERE e.channel = any($1::text[]) AND {LIVE}
 GROUP BY e.channel
 """
+# The answer is built as JSON text in SQL (usernames escaped by to_json): 5000 users are one
+# string to pass on, not 5000 records and dicts on the event loop.
 MEMBERS_SQL = f"""
-SELECT e.member, max(e.username) AS username, sum(e.connections)::int AS n
-FROM presence_entries e JOIN presence_processes p USING (process)
-WHERE e.channel = $1 AND {LIVE}
-GROUP BY e.member
-ORDER BY e.member COLLATE "C"
+WITH m AS (
+    SELECT e.member, max(e.username) AS username, sum(e.connections)::int AS n
+    FROM presence_entries e JOIN presence_processes p USING (process)
+    WHERE e.channel = $1 AND {LIVE}
+    GROUP BY e.member
+)
+SELECT coalesce(sum(n), 0)::int AS clients,
+       '[' || coalesce(string_agg(
+           '{{"id":' || to_json(member)::text || ',"username":' || to_json(username)::text
+           || ',"connections":' || n || '}}', ',' ORDER BY member COLLATE "C"
+       ) FILTER (WHERE member <> ''), '') || ']' AS users
+FROM m
 """
 # The roster's view trusts the table, not the beats: a process that merely has not beaten
 # since an outage must not look gone; dead ones are deleted by the sweep, which says so.
@@ -118,6 +128,7 @@ class Presence:
         self.dirty: dict[Key, None] = {}  # changed since the last write, in order
         self.changed = asyncio.Event()
         self.registered = False
+        self._asked: dict[str, asyncio.Future[bytes]] = {}  # channel -> the presence query in flight
 
     # what the hub tells: one subscription opened or closed
 
@@ -243,11 +254,23 @@ class Presence:
         found = {r["channel"]: r["n"] for r in rows}
         return {c: found.get(c, 0) for c in channels}
 
-    async def members(self, channel: str) -> dict[str, Any]:
-        """PROTOCOL §14: every live subscription in `clients`, identified users once each, by id."""
-        rows = await self.pool.fetch(MEMBERS_SQL, channel, STALE_AFTER)
-        users = [{"id": r["member"], "username": r["username"], "connections": r["n"]} for r in rows if r["member"]]
-        return {"channel": channel, "clients": sum(r["n"] for r in rows), "users": users}
+    async def members(self, channel: str) -> bytes:
+        """PROTOCOL §14 as JSON: every live subscription in `clients`, identified users once each,
+        by id. Concurrent askers of one channel share one query (a dashboard's worth of polls)."""
+        pending = self._asked.get(channel)
+        if pending is None:
+            pending = self._asked[channel] = asyncio.ensure_future(self._members(channel))
+            pending.add_done_callback(partial(self._answered, channel))
+        return await asyncio.shield(pending)
+
+    async def _members(self, channel: str) -> bytes:
+        row = await self.pool.fetchrow(MEMBERS_SQL, channel, STALE_AFTER)
+        return b'{"channel":"%s","clients":%d,"users":%s}' % (channel.encode(), row["clients"], row["users"].encode())
+
+    def _answered(self, channel: str, task: asyncio.Future[bytes]) -> None:
+        self._asked.pop(channel, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here too: every asker may have left meanwhile
 
     async def entries(self, channel: str) -> list[asyncpg.Record]:
         return await self.pool.fetch(ENTRIES_SQL, channel)
