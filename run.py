@@ -40,11 +40,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def migrate(settings: Settings) -> int:
-    from server.storage import db
     from server.process.supervisor import database
+    from server.storage import db
 
     with database(settings) as (settings, description):
-        applied = asyncio.run(db.migrate(settings.database.url))
+        applied = asyncio.run(db.migrate(settings.database.url, schema=settings.database.schema))
         print(f"{description}: {len(applied)} migration(s) applied {' '.join(applied)}".rstrip())
     return 0
 

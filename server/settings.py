@@ -10,12 +10,15 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# A schema name used unquoted in SQL and in the role name <schema>_publisher (63 bytes at most).
+SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "EdDSA")
 # HERALD_* variables that are not overrides of a settings section.
 NON_SETTING_VARIABLES = {"HERALD_SETTINGS", "HERALD_ADMIN_USERNAME", "HERALD_ADMIN_PASSWORD"}
@@ -61,6 +64,8 @@ class DatabaseSettings:
     url: str = ""
     data_dir: str = "var/pgdata"
     pool_size: int = 10
+    schema: str = "herald"  # Herald's tables and functions live here (PROTOCOL §12)
+    publish_wait: float = 5.0  # seconds a publish waits behind an SQL transaction on its channel
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +325,11 @@ def _check_cross_field(settings: Settings) -> None:
         raise SettingsError("server.port", "must be between 1 and 65535")
     if settings.database.url and not settings.database.url.startswith(("postgresql://", "postgres://")):
         raise SettingsError("database.url", "must be a postgresql:// URL")
+    schema = settings.database.schema
+    if not SCHEMA_NAME.fullmatch(schema) or schema.startswith("pg_"):
+        raise SettingsError(
+            "database.schema", "must be 1 to 48 characters of a-z 0-9 _, not starting with a digit or pg_"
+        )
     auth = settings.auth
     if auth.jwt_algorithm not in JWT_ALGORITHMS:
         raise SettingsError("auth.jwt_algorithm", f"must be one of {', '.join(JWT_ALGORITHMS)}")

@@ -96,12 +96,14 @@ def database_url(postgres: PostgresServer) -> Iterator[str]:
     asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-async def truncate_all(url: str) -> None:
-    conn = await asyncpg.connect(url)
+async def truncate_all(url: str, schema: str = db.DEFAULT_SCHEMA) -> None:
+    """Empty Herald's tables (those of its schema, database.schema), keeping the migrations."""
+    conn = await db.connect(url, schema)
     try:
         tables = await conn.fetch(
             "SELECT quote_ident(tablename) AS t FROM pg_tables "
-            "WHERE schemaname = 'public' AND tablename <> 'schema_migrations'"
+            "WHERE schemaname = $1 AND tablename <> 'schema_migrations'",
+            schema,
         )
         if tables:
             await conn.execute(f"TRUNCATE {', '.join(r['t'] for r in tables)} RESTART IDENTITY CASCADE")

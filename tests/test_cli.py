@@ -60,7 +60,7 @@ def free_port() -> int:
 
 
 async def fetch(url: str, query: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(url)
+    conn = await db.connect(url)
     try:
         return await conn.fetch(query)
     finally:

@@ -15,6 +15,7 @@ import pytest
 from server.errors import ValidationError
 from server.identity.users import UserStore
 from server.process.supervisor import bootstrap_admin
+from server.storage import db
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "s3cret password"
@@ -45,7 +46,7 @@ async def createuser(database_url: str, *args: str, stdin: str) -> tuple[int, st
 
 
 async def fetch_users(database_url: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(database_url)
+    conn = await db.connect(database_url)
     try:
         return await conn.fetch("SELECT username, roles, password_hash, disabled FROM users ORDER BY id")
     finally:
@@ -55,7 +56,7 @@ async def fetch_users(database_url: str) -> list[asyncpg.Record]:
 @pytest.fixture
 async def users(settings, database_url) -> AsyncIterator[UserStore]:
     """A UserStore on an empty users table (the `settings` fixture truncates)."""
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    pool = await db.create_pool(database_url, min_size=1, max_size=2)
     try:
         yield UserStore(pool, settings.auth.bcrypt_rounds)
     finally:

@@ -6,12 +6,12 @@ import asyncio
 import re
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
 import orjson
 import pytest
 
 from server.app import create_app
 from server.events.store import notification_head
+from server.storage import db
 from tests.conftest import wait_for
 from tests.helpers import SseClient, WsClient, bearer, publish, token_for
 
@@ -658,7 +658,7 @@ async def test_age_pruning_keeps_younger_events(aiohttp_client, settings, make_s
     token = await token_for(client, "pub", ("publisher",))
     for i in range(4):
         await publish(client, token, "public:aging", i)
-    conn = await asyncpg.connect(database_url)
+    conn = await db.connect(database_url)
     try:  # offsets 1 and 2 were published two minutes ago, as far as the pruner can tell
         await conn.execute(
             """UPDATE events SET time = time - interval '2 minutes' WHERE channel = 'public:aging' AND "offset" <= 2"""

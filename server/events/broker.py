@@ -15,8 +15,9 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from server.events.store import EVENTS_CHANNEL, EventStore, StoredEvent, notification_head
+from server.events.store import EventStore, StoredEvent, events_channel, notification_head
 from server.identity.users import USER_CHANGES_CHANNEL
+from server.storage import db
 from server.storage.db import DATABASE_DOWN_ERRORS
 
 log = logging.getLogger("herald.broker")
@@ -32,8 +33,11 @@ class Broker:
         store: EventStore,
         deliver: Callable[[StoredEvent], None],
         on_user_change: Callable[[str], Awaitable[None]],
+        schema: str = db.DEFAULT_SCHEMA,
     ) -> None:
         self.dsn = dsn
+        self.schema = schema
+        self.events_channel = events_channel(schema)
         self.store = store
         self.deliver = deliver
         self.on_user_change = on_user_change
@@ -85,10 +89,10 @@ class Broker:
         while True:
             conn = None
             try:
-                conn = await asyncpg.connect(self.dsn)
+                conn = await db.connect(self.dsn, self.schema)
                 self._lost.clear()
                 conn.add_termination_listener(lambda _: self._lost.set())
-                await conn.add_listener(EVENTS_CHANNEL, self._on_notify)
+                await conn.add_listener(self.events_channel, self._on_notify)
                 await conn.add_listener(USER_CHANGES_CHANNEL, self._on_notify)
                 for name, on_payload in self.side_channels.items():
                     await conn.add_listener(name, side_listener(on_payload))

@@ -11,39 +11,30 @@ from typing import Any
 
 import asyncpg
 
-from server.errors import Conflict, ValidationError
+from server.errors import Conflict, Unavailable, ValidationError
 from server.settings import EventsSettings
 
-EVENTS_CHANNEL = "herald_events"  # the NOTIFY channel every process LISTENs on
-NOTIFY_LIMIT = 7900  # bytes; PostgreSQL refuses payloads of 8000 and more
+NOTIFY_LIMIT = 7900  # bytes; PostgreSQL refuses payloads of 8000 and more (store_event keeps to it)
 EVENT_TYPE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 PRUNE_LOCK = 0x4845_5241_4C45  # one pruner at a time across processes
 
-# The event's JSON text is built once, in SQL, so the publisher's response, the NOTIFY
-# payload and every subscriber's frame are the same bytes. Channel and type names are
-# restricted to characters that need no JSON escaping; data is already JSON text.
-EVENT_JSON_SQL = """'{"channel":"' || e.channel || '","offset":' || e."offset" || ',"type":"' || e.type
-    || '","data":' || e.data || ',"time":"'
-    || to_char(e.time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') || '"}'"""
 
-NOTIFY_SQL = f"""pg_notify('{EVENTS_CHANNEL}', CASE WHEN octet_length(j.json) <= {NOTIFY_LIMIT} THEN j.json
-    ELSE '{{"channel":"' || j.channel || '","offset":' || j."offset" || ',"large":true}}' END)"""
+def events_channel(schema: str) -> str:
+    """The NOTIFY channel store_event sends on and every process LISTENs on (herald_events).
 
-PUBLISH_SQL = f"""
-WITH ch AS (
-    INSERT INTO channels AS c (name, last_offset) VALUES ($1, 1)
-    ON CONFLICT (name) DO UPDATE SET last_offset = c.last_offset + 1
-    RETURNING last_offset
-), e AS (
-    INSERT INTO events (channel, "offset", type, data, time)
-    SELECT $1, ch.last_offset, $2, $3, clock_timestamp() FROM ch
-    RETURNING channel, "offset", type, data, time
-), j AS (
-    SELECT e.channel, e."offset", {EVENT_JSON_SQL} AS json FROM e
-)
-SELECT j."offset", j.json, {NOTIFY_SQL} FROM j
-"""
+    Named after the schema, so two deployments sharing a database do not hear each other.
+    """
+    return f"{schema}_events"
+
+
+# The event's JSON text is built once, in SQL (event_json, migration 130), so the
+# publisher's response, the NOTIFY payload and every subscriber's frame are the same bytes.
+EVENT_JSON_SQL = 'event_json(e.channel, e."offset", e.type, e.data, e.time)'
+
+# Every Herald publish goes through publish_batch, which stores each item with
+# store_event: the one definition of storing an event, shared with SQL publishers.
+PUBLISH_BATCH_SQL = "SELECT item, status, stored_offset, stored_json FROM publish_batch($1, $2, $3, $4, $5, $6, $7, $8)"
 
 
 CHANNEL_START = len('{"channel":"')
@@ -102,13 +93,28 @@ def validate_idempotency_key(key: str | None) -> str | None:
     return key
 
 
+def fingerprint(event_type: str, data: str) -> bytes:
+    """What an idempotency key remembers of the body: the same key with another one is a conflict."""
+    return hashlib.sha256(f"{event_type}\n{data}".encode()).digest()
+
+
+def channel_busy() -> Unavailable:
+    return Unavailable("The channel is held by an open database transaction; try again later")
+
+
 class EventStore:
     def __init__(
-        self, pool: asyncpg.Pool, settings: EventsSettings, on_published: Callable[[], None] = lambda: None
+        self,
+        pool: asyncpg.Pool,
+        settings: EventsSettings,
+        on_published: Callable[[], None] = lambda: None,
+        *,
+        publish_wait: float = 5.0,
     ) -> None:
         self.pool = pool
         self.settings = settings
         self.on_published = on_published
+        self.publish_wait_ms = max(1, round(publish_wait * 1000))
 
     async def publish(
         self, channel: str, event_type: str, data: str, idempotency_key: str | None = None
@@ -116,44 +122,31 @@ class EventStore:
         """Store an event; returns it and whether it is new (False: an idempotent replay).
 
         The channel row is locked by the offset increment until commit, so offsets are
-        assigned in commit order and NOTIFY delivers them in that order.
+        assigned in commit order and NOTIFY delivers them in that order. Behind an open
+        SQL transaction on the channel it waits publish_wait at most, then 503.
         """
-        if idempotency_key is None:
-            row = await self.pool.fetchrow(PUBLISH_SQL, channel, event_type, data)
+        key_print = fingerprint(event_type, data) if idempotency_key is not None else None
+        try:
+            rows = await self.pool.fetch(
+                PUBLISH_BATCH_SQL,
+                [0],
+                [channel],
+                [event_type],
+                [data],
+                [idempotency_key],
+                [key_print],
+                self.publish_wait_ms,
+                False,
+            )
+        except asyncpg.exceptions.LockNotAvailableError:
+            raise channel_busy() from None
+        row = rows[0]
+        if row["status"] == "conflict":
+            raise Conflict("This Idempotency-Key was used with a different body")
+        created = row["status"] == "new"
+        if created:
             self.on_published()
-            return StoredEvent(channel, row["offset"], row["json"]), True
-        fingerprint = hashlib.sha256(f"{event_type}\n{data}".encode()).digest()
-        async with self.pool.acquire() as conn, conn.transaction():
-            # Take the channel lock first: a concurrent duplicate then waits here and
-            # sees the first one's key once it commits.
-            await conn.execute(
-                "INSERT INTO channels (name, last_offset) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING", channel
-            )
-            await conn.execute("SELECT 1 FROM channels WHERE name = $1 FOR UPDATE", channel)
-            existing = await conn.fetchrow(
-                """SELECT fingerprint, "offset" FROM idempotency_keys
-                   WHERE channel = $1 AND key = $2 AND created_at > now() - interval '24 hours'""",
-                channel,
-                idempotency_key,
-            )
-            if existing is not None:
-                if existing["fingerprint"] != fingerprint:
-                    raise Conflict("This Idempotency-Key was used with a different body")
-                first = await self._event(conn, channel, existing["offset"])
-                if first is not None:
-                    return first, False
-            row = await conn.fetchrow(PUBLISH_SQL, channel, event_type, data)
-            await conn.execute(
-                """INSERT INTO idempotency_keys (channel, key, fingerprint, "offset") VALUES ($1, $2, $3, $4)
-                   ON CONFLICT (channel, key) DO UPDATE
-                   SET fingerprint = excluded.fingerprint, "offset" = excluded."offset", created_at = now()""",
-                channel,
-                idempotency_key,
-                fingerprint,
-                row["offset"],
-            )
-        self.on_published()
-        return StoredEvent(channel, row["offset"], row["json"]), True
+        return StoredEvent(channel, row["stored_offset"], row["stored_json"]), created
 
     async def _event(self, conn: asyncpg.Connection, channel: str, offset: int) -> StoredEvent | None:
         row = await conn.fetchrow(f'{SELECT_EVENTS_SQL} WHERE e.channel = $1 AND e."offset" = $2', channel, offset)

@@ -16,8 +16,6 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-import asyncpg
-
 from server.errors import Conflict
 from server.identity.secrets import load_or_create_secret
 from server.identity.users import UserStore, validate_new_user
@@ -59,8 +57,8 @@ def database(settings: Settings) -> Iterator[tuple[Settings, str]]:
 
 async def with_user_store(settings: Settings, action: Callable[[UserStore], Awaitable[T]]) -> T:
     """Run one action against the users table outside the app (CLI, first start)."""
-    await db.migrate(settings.database.url)
-    pool = await asyncpg.create_pool(settings.database.url, min_size=1, max_size=2)
+    await db.migrate(settings.database.url, schema=settings.database.schema)
+    pool = await db.create_pool(settings.database.url, settings.database.schema, min_size=1, max_size=2)
     try:
         return await action(UserStore(pool, settings.auth.bcrypt_rounds))
     finally:

@@ -35,7 +35,9 @@ log = logging.getLogger("herald.realtime")
 async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[settings_key]
     metrics = app[metrics_key]
-    store = app[store_key] = EventStore(app[pool_key], settings.events, on_published=metrics.published.inc)
+    store = app[store_key] = EventStore(
+        app[pool_key], settings.events, on_published=metrics.published.inc, publish_wait=settings.database.publish_wait
+    )
     hub = app[hub_key] = Hub(store, settings.realtime.outbound_buffer)
     presence = app[presence_key] = Presence(app[pool_key], app[rules_key])
     roster = app[roster_key] = Roster(presence, hub, settings.realtime.presence_grace)
@@ -49,7 +51,9 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
             for conn in hub.connections_of(user_id):
                 conn.close(4403, "user removed or disabled")
 
-    broker = app[broker_key] = Broker(settings.database.url, store, hub.dispatch, on_user_change)
+    broker = app[broker_key] = Broker(
+        settings.database.url, store, hub.dispatch, on_user_change, schema=settings.database.schema
+    )
     hub.broker = broker
     broker.listen_also(PRESENCE_CHANNEL, roster.on_notify, roster.on_reconnect)
     scheduler = aiojobs.Scheduler(close_timeout=2)

@@ -18,6 +18,7 @@ log = logging.getLogger("herald.db")
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 MIGRATION_LOCK = 0x4845_5241_4C44  # "HERALD": one migrator at a time across processes and hosts
+DEFAULT_SCHEMA = "herald"
 
 # What asyncpg raises when the database is unreachable or going away: a 503, not a 500.
 DATABASE_DOWN_ERRORS: tuple[type[BaseException], ...] = (
@@ -29,6 +30,24 @@ DATABASE_DOWN_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.InterfaceError,
 )
+
+
+def server_settings(schema: str) -> dict[str, str]:
+    """Session settings of every Herald connection: its own schema first, whatever the role's default.
+
+    pg_temp last, so no temporary object shadows Herald's tables or functions (the SECURITY
+    DEFINER functions pin this same path when the migrations create them).
+    """
+    return {"search_path": f'"{schema}", pg_temp'}
+
+
+async def connect(dsn: str, schema: str = DEFAULT_SCHEMA) -> asyncpg.Connection:
+    """One connection outside the pool (migrations, LISTEN), with Herald's search_path."""
+    return await asyncpg.connect(dsn, server_settings=server_settings(schema))
+
+
+async def create_pool(dsn: str, schema: str = DEFAULT_SCHEMA, **kwargs) -> asyncpg.Pool:
+    return await asyncpg.create_pool(dsn, server_settings=server_settings(schema), **kwargs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,17 +71,20 @@ def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return migrations
 
 
-async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
+async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR, schema: str = DEFAULT_SCHEMA) -> list[str]:
     """Apply pending migrations, each in its own transaction; returns the names applied.
 
     An advisory lock makes concurrent callers (workers, hosts) take turns, and each
     re-reads what is applied once it holds the lock, so every migration runs once.
+    Migrations run in `schema` (created here): they name tables unqualified.
     """
     migrations = load_migrations(directory)
-    conn = await asyncpg.connect(dsn)
+    conn = await connect(dsn, schema)
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
         try:
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            await adopt_legacy_layout(conn, schema)
             await conn.execute(
                 """CREATE TABLE IF NOT EXISTS schema_migrations (
                        version integer PRIMARY KEY,
@@ -83,6 +105,10 @@ async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
                     )
                 applied.append(f"{migration.version:03d}_{migration.name}")
                 log.info("migration applied", extra={"migration": applied[-1]})
+            if applied:
+                # Whatever a migration created, no function of Herald's is anyone's to call
+                # unless a migration granted it by name (the publisher role's two functions).
+                await conn.execute(f'REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA "{schema}" FROM PUBLIC')
             return applied
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
@@ -90,10 +116,27 @@ async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
         await conn.close()
 
 
+async def adopt_legacy_layout(conn: asyncpg.Connection, schema: str) -> None:
+    """A database from before the schema move keeps its migration record in public: bring it along.
+
+    Migration 003 then moves the tables themselves, with their rows, sequences and indexes.
+    Only a public.schema_migrations that records Herald's first migration is taken.
+    """
+    if schema == "public" or await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
+        return
+    legacy = await conn.fetchval(
+        """SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = 'public' AND tablename = 'schema_migrations')"""
+    )
+    if legacy and await conn.fetchval("SELECT EXISTS (SELECT 1 FROM public.schema_migrations WHERE name = 'users')"):
+        await conn.execute(f'ALTER TABLE public.schema_migrations SET SCHEMA "{schema}"')
+        log.info("carrying a database without a schema over", extra={"schema": schema})
+
+
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[settings_key]
-    pool = await asyncpg.create_pool(
+    pool = await create_pool(
         settings.database.url,
+        settings.database.schema,
         min_size=1,
         max_size=settings.database.pool_size,
         command_timeout=30,
