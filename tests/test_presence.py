@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import asyncpg
 import orjson
 import pytest
 
@@ -19,6 +18,7 @@ from server.identity.permissions import compile_rules, has_presence
 from server.keys import hub_key, presence_key, roster_key
 from server.realtime import presence as presence_module
 from server.settings import SettingsError, build_settings
+from server.storage import db
 from tests.conftest import TEST_CHANNEL_RULES, wait_for
 from tests.helpers import SseClient, WsClient, add_user, bearer, token_for
 
@@ -359,7 +359,7 @@ async def test_a_silent_process_is_ignored_at_once_and_swept_with_a_leave(make_c
     watcher_token = await token_for(client, "watcher")
     watcher = await ws_as(client, watcher_token, "room:ghost")
     ghost = await add_user(client, "ghost")
-    conn = await asyncpg.connect(database_url)
+    conn = await db.connect(database_url)
     try:
         await until_presence(client, "room:ghost", (1, [("watcher", 1)]), watcher_token)
         # A process that beat just in time, holding the ghost: the roster learns it from the table.
@@ -390,7 +390,7 @@ async def test_a_silent_process_is_ignored_at_once_and_swept_with_a_leave(make_c
 async def test_only_the_rows_that_changed_are_written(make_client, database_url):
     client = await make_client()
     ws = await WsClient.connect(client)
-    conn = await asyncpg.connect(database_url)
+    conn = await db.connect(database_url)
     try:
         for n in range(50):
             await ws.subscribe(f"public:c{n}")
@@ -424,7 +424,7 @@ async def test_presence_lost_from_the_table_is_rebuilt_from_the_live_connections
     client = await make_client(presence_settings(grace=60))
     alice = await token_for(client, "alice")
     tabs = [await ws_as(client, alice, "room:rebuild"), await ws_as(client, None, "lobby:rebuild")]
-    conn = await asyncpg.connect(database_url)
+    conn = await db.connect(database_url)
     try:
         await until_presence(client, "room:rebuild", (1, [("alice", 1)]), alice)
         # What another process's sweep does to a process that could not beat (a long outage).
@@ -495,7 +495,7 @@ async def test_names_from_any_issuer_are_escaped_in_the_answer(make_client, data
     client = await make_client(presence_settings())
     token = await token_for(client, "alice")
     odd = 'quote " backslash \\ tab \t zoë </script>'
-    conn = await asyncpg.connect(database_url)
+    conn = await db.connect(database_url)
     try:
         await conn.execute("INSERT INTO presence_processes VALUES ('other:1:x', now())")
         await conn.execute("INSERT INTO presence_entries VALUES ('other:1:x', 'room:odd', 'app:7', $1, 1)", odd)

@@ -25,7 +25,7 @@ from server.keys import (
 )
 from server.realtime.connections import Connection, SseConnection, WebSocketConnection
 from server.realtime.hub import Hub
-from server.realtime.presence import PRESENCE_CHANNEL, Presence
+from server.realtime.presence import Presence
 from server.realtime.roster import Roster
 from server.storage.db import DATABASE_DOWN_ERRORS
 
@@ -39,7 +39,7 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
         app[pool_key], settings.events, on_published=metrics.published.inc, publish_wait=settings.database.publish_wait
     )
     hub = app[hub_key] = Hub(store, settings.realtime.outbound_buffer)
-    presence = app[presence_key] = Presence(app[pool_key], app[rules_key])
+    presence = app[presence_key] = Presence(app[pool_key], app[rules_key], settings.database.schema)
     roster = app[roster_key] = Roster(presence, hub, settings.realtime.presence_grace)
     presence.roster = roster
     hub.presence = presence
@@ -55,7 +55,7 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.database.url, store, hub.dispatch, on_user_change, schema=settings.database.schema
     )
     hub.broker = broker
-    broker.listen_also(PRESENCE_CHANNEL, roster.on_notify, roster.on_reconnect)
+    broker.listen_also(presence.notify_channel, roster.on_notify, roster.on_reconnect)
     scheduler = aiojobs.Scheduler(close_timeout=2)
     for job in (
         broker.listen(),

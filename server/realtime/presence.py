@@ -30,14 +30,13 @@ import orjson
 
 from server.identity.auth import Identity
 from server.identity.permissions import CompiledRule, has_presence
-from server.storage.db import DATABASE_DOWN_ERRORS
+from server.storage.db import DATABASE_DOWN_ERRORS, DEFAULT_SCHEMA
 
 if TYPE_CHECKING:
     from server.realtime.roster import Roster
 
 log = logging.getLogger("herald.presence")
 
-PRESENCE_CHANNEL = "herald_presence"  # NOTIFY channel: presence counts changed, or processes are gone
 NOTICE_BYTES = 7000  # below PostgreSQL's 8000-byte NOTIFY limit, with room for one more entry
 DEBOUNCE = 0.1  # seconds a burst of (un)subscribes gathers before one write
 HEARTBEAT = 5.0
@@ -95,6 +94,12 @@ FROM m
 ENTRIES_SQL = "SELECT process, member, username, connections FROM presence_entries WHERE channel = $1 AND member <> ''"
 
 
+def presence_channel(schema: str) -> str:
+    """The NOTIFY channel of presence changes (new counts, processes gone), named after the schema
+    like the events channel, so two deployments sharing a database do not hear each other."""
+    return f"{schema}_presence"
+
+
 def process_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
@@ -118,9 +123,10 @@ def notices(process: str, entries: list[tuple[str, str, str, int]]) -> list[str]
 class Presence:
     """This process's share of the presence tables (written) and everyone's (read)."""
 
-    def __init__(self, pool: asyncpg.Pool, rules: tuple[CompiledRule, ...]) -> None:
+    def __init__(self, pool: asyncpg.Pool, rules: tuple[CompiledRule, ...], schema: str = DEFAULT_SCHEMA) -> None:
         self.pool = pool
         self.rules = rules
+        self.notify_channel = presence_channel(schema)
         self.process = process_name()
         self.roster: Roster | None = None
         self.local: dict[Key, int] = {}
@@ -219,7 +225,7 @@ class Presence:
                 if deletes:
                     await conn.execute(DELETE_SQL, self.process, *map(list, zip(*deletes, strict=True)))
                 if announced:
-                    await conn.execute(NOTIFY_SQL, PRESENCE_CHANNEL, notices(self.process, announced))
+                    await conn.execute(NOTIFY_SQL, self.notify_channel, notices(self.process, announced))
         except BaseException:
             for key in keys:  # counts are absolute: writing them again later is always right
                 self.dirty.setdefault(key, None)
@@ -238,14 +244,14 @@ class Presence:
             if gone:
                 log.info("presence of %d silent processes removed", len(gone))
                 payload = orjson.dumps({"gone": gone}).decode()
-                await conn.execute("SELECT pg_notify($1, $2)", PRESENCE_CHANNEL, payload)
+                await conn.execute("SELECT pg_notify($1, $2)", self.notify_channel, payload)
 
     async def withdraw(self) -> None:
         """A clean stop: this process's entries go at once (the others' rosters are told)."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("DELETE FROM presence_processes WHERE process = $1", self.process)
             payload = orjson.dumps({"gone": [self.process]}).decode()
-            await conn.execute("SELECT pg_notify($1, $2)", PRESENCE_CHANNEL, payload)
+            await conn.execute("SELECT pg_notify($1, $2)", self.notify_channel, payload)
 
     # the readers
 
