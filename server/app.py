@@ -8,7 +8,7 @@ from pathlib import Path
 import aiohttp_cors
 from aiohttp import web
 
-from handlers import auth, channels, events, health, metrics, openapi, sse, static, users, ws
+from handlers import auth, batch, channels, events, health, metrics, openapi, sse, static, users, ws
 from middlewares.access_log import access_log_middleware
 from middlewares.auth import auth_middleware, herald_session_middleware
 from middlewares.errors import errors_middleware
@@ -103,6 +103,8 @@ def add_routes(app: web.Application) -> None:
     router.add_post("/api/channels/{channel}/events", events.publish)
     router.add_get("/api/channels/{channel}/events", events.history)
     router.add_get("/api/channels/{channel}/presence", channels.presence)
+    router.add_post("/api/events", batch.publish_events)
+    router.add_post("/api/broadcast", batch.broadcast)
     router.add_get("/api/openapi.json", openapi.document_handler())
     router.add_get("/ws", ws.websocket)
     router.add_get("/sse", sse.sse)

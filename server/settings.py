@@ -95,6 +95,8 @@ class LimitsSettings:
     rate: float = 50.0
     burst: int = 100
     login_rate: int = 5
+    batch_events: int = 1000  # events of one POST /api/events, channels of one POST /api/broadcast
+    batch_body_bytes: int = 1048576  # body limit of those two endpoints (instead of body_bytes)
 
 
 @dataclass(frozen=True, slots=True)

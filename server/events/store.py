@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import orjson
 
-from server.errors import Conflict, Unavailable, ValidationError
+from server.errors import Conflict, ValidationError
+from server.events.committer import GroupCommitter, Item, channel_busy
 from server.settings import EventsSettings
 
 NOTIFY_LIMIT = 7900  # bytes; PostgreSQL refuses payloads of 8000 and more (store_event keeps to it)
@@ -31,11 +33,6 @@ def events_channel(schema: str) -> str:
 # The event's JSON text is built once, in SQL (event_json, migration 130), so the
 # publisher's response, the NOTIFY payload and every subscriber's frame are the same bytes.
 EVENT_JSON_SQL = 'event_json(e.channel, e."offset", e.type, e.data, e.time)'
-
-# Every Herald publish goes through publish_batch, which stores each item with
-# store_event: the one definition of storing an event, shared with SQL publishers.
-PUBLISH_BATCH_SQL = "SELECT item, status, stored_offset, stored_json FROM publish_batch($1, $2, $3, $4, $5, $6, $7, $8)"
-
 
 CHANNEL_START = len('{"channel":"')
 LARGE_END = ',"large":true}'
@@ -98,23 +95,21 @@ def fingerprint(event_type: str, data: str) -> bytes:
     return hashlib.sha256(f"{event_type}\n{data}".encode()).digest()
 
 
-def channel_busy() -> Unavailable:
-    return Unavailable("The channel is held by an open database transaction; try again later")
-
-
 class EventStore:
     def __init__(
         self,
         pool: asyncpg.Pool,
         settings: EventsSettings,
-        on_published: Callable[[], None] = lambda: None,
+        on_published: Callable[[int], None] = lambda count: None,
         *,
         publish_wait: float = 5.0,
     ) -> None:
         self.pool = pool
         self.settings = settings
+        # Every Herald publish is group-committed through publish_batch, which stores each
+        # item with store_event: the one definition of storing an event (SQL publishers too).
+        self.committer = GroupCommitter(pool, publish_wait, on_published)
         self.on_published = on_published
-        self.publish_wait_ms = max(1, round(publish_wait * 1000))
 
     async def publish(
         self, channel: str, event_type: str, data: str, idempotency_key: str | None = None
@@ -126,27 +121,43 @@ class EventStore:
         SQL transaction on the channel it waits publish_wait at most, then 503.
         """
         key_print = fingerprint(event_type, data) if idempotency_key is not None else None
+        (outcome,) = await self.committer.publish([Item(channel, event_type, data)], idempotency_key, key_print)
+        if outcome.status == "conflict":
+            raise Conflict("This Idempotency-Key was used with a different body")
+        return StoredEvent(channel, outcome.offset, outcome.json), outcome.status == "new"
+
+    async def publish_many(self, items: list[tuple[str, str, str]]) -> list[StoredEvent]:
+        """Store (channel, type, data) items all or none, one request: offsets in request order."""
+        outcomes = await self.committer.publish([Item(*item) for item in items])
+        return [StoredEvent(item[0], o.offset, o.json) for item, o in zip(items, outcomes, strict=True)]
+
+    async def publish_keyed(self, scope: str, key: str, items: list[tuple[str, str, str]]) -> tuple[bytes, bool]:
+        """A batch request with an Idempotency-Key: its answer's body, and whether it is new.
+
+        The key and the events commit together, outside the group commit (the key's row is
+        the lock that makes a concurrent duplicate wait for the first one's answer).
+        """
+        key_print = hashlib.sha256(orjson.dumps(items)).digest()
+        channels, types, datas = (list(column) for column in zip(*items, strict=True))
         try:
-            rows = await self.pool.fetch(
-                PUBLISH_BATCH_SQL,
-                [0],
-                [channel],
-                [event_type],
-                [data],
-                [idempotency_key],
-                [key_print],
-                self.publish_wait_ms,
-                False,
+            row = await self.pool.fetchrow(
+                "SELECT out_status, out_response FROM publish_request($1, $2, $3, $4, $5, $6, $7)",
+                scope,
+                key,
+                key_print,
+                channels,
+                types,
+                datas,
+                self.committer.wait_ms,
             )
         except asyncpg.exceptions.LockNotAvailableError:
             raise channel_busy() from None
-        row = rows[0]
-        if row["status"] == "conflict":
+        if row["out_status"] == "conflict":
             raise Conflict("This Idempotency-Key was used with a different body")
-        created = row["status"] == "new"
+        created = row["out_status"] == "new"
         if created:
-            self.on_published()
-        return StoredEvent(channel, row["stored_offset"], row["stored_json"]), created
+            self.on_published(len(items))
+        return row["out_response"].encode(), created
 
     async def _event(self, conn: asyncpg.Connection, channel: str, offset: int) -> StoredEvent | None:
         row = await conn.fetchrow(f'{SELECT_EVENTS_SQL} WHERE e.channel = $1 AND e."offset" = $2', channel, offset)
@@ -202,6 +213,7 @@ class EventStore:
                     self.settings.history_size,
                 )
                 await conn.execute("DELETE FROM idempotency_keys WHERE created_at < now() - interval '24 hours'")
+                await conn.execute("DELETE FROM request_keys WHERE created_at < now() - interval '24 hours'")
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", PRUNE_LOCK)
         return int(by_age.split()[-1]) + int(by_count.split()[-1])

@@ -1,0 +1,189 @@
+"""Group commit: concurrent publishes of one process share one statement and one commit.
+
+A publish is a commit, and a commit costs a round trip and a WAL flush whatever it
+holds; so while one batch is in flight the next one gathers, and it leaves the moment
+the first returns. There is no timer: an idle server sends a lone publish at once.
+
+Every batch is one call of the SQL function publish_batch (migration 130), which stores
+each item with store_event, the definition SQL publishers share. A request (one REST or
+WebSocket publish, or a whole batch-endpoint call) is stored all or none. What the
+batch does not decide for the others:
+- a request on a channel that an open transaction holds (an application publishing
+  from SQL) comes back 'busy' and is published alone, waiting at most publish_wait,
+  so it holds up neither the batch nor the channels of the other requests;
+- a database error caused by one request fails the statement: each request is then
+  retried alone, so only the faulty one sees its error;
+- a lost database fails every request of the batch (503); the one transaction means
+  none of it is half-stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from server.errors import Unavailable, ValidationError
+from server.storage.db import DATABASE_DOWN_ERRORS
+
+log = logging.getLogger("herald.committer")
+
+PUBLISH_BATCH_SQL = "SELECT item, status, stored_offset, stored_json FROM publish_batch($1, $2, $3, $4, $5, $6, $7, $8)"
+MAX_BATCH_ITEMS = 5000  # one statement's arrays; more waits for the next flight
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    channel: str
+    type: str
+    data: str  # JSON text
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one item: 'new', 'replay' (an idempotency key seen before) or 'conflict'."""
+
+    status: str
+    offset: int | None
+    json: str | None
+
+
+@dataclass(slots=True)
+class Request:
+    items: Sequence[Item]
+    key: str | None  # an idempotency key (single publishes: one item)
+    fingerprint: bytes | None
+    future: asyncio.Future[list[Outcome]] = field(repr=False)
+
+
+def channel_busy() -> Unavailable:
+    return Unavailable("The channel is held by an open database transaction; try again later")
+
+
+class GroupCommitter:
+    def __init__(self, pool: asyncpg.Pool, publish_wait: float, on_stored: Callable[[int], None]) -> None:
+        self.pool = pool
+        self.wait_ms = max(1, round(publish_wait * 1000))
+        self.on_stored = on_stored  # called with the number of new events of each commit
+        self._pending: list[Request] = []
+        self._flight: asyncio.Task[None] | None = None
+        self._alone: set[asyncio.Task[None]] = set()
+        # Tests hold a flight here to make publishes gather behind it.
+        self.before_flight: Callable[[list[Request]], object] | None = None
+
+    @property
+    def pending(self) -> int:
+        """Requests gathered for the next flight."""
+        return len(self._pending)
+
+    async def publish(
+        self, items: Sequence[Item], key: str | None = None, fingerprint: bytes | None = None
+    ) -> list[Outcome]:
+        """Store the items (one request: all or none); one outcome per item, in order."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(Request(items, key, fingerprint, future))
+        if self._flight is None:
+            self._flight = asyncio.get_running_loop().create_task(self._fly())
+        return await future
+
+    async def _fly(self) -> None:
+        try:
+            while self._pending:
+                batch, size = [], 0
+                while self._pending and (not batch or size + len(self._pending[0].items) <= MAX_BATCH_ITEMS):
+                    request = self._pending.pop(0)
+                    batch.append(request)
+                    size += len(request.items)
+                if self.before_flight is not None:
+                    waiting = self.before_flight(batch)
+                    if asyncio.iscoroutine(waiting):
+                        await waiting
+                await self._commit(batch)
+        finally:
+            self._flight = None
+
+    async def _commit(self, batch: list[Request]) -> None:
+        try:
+            rows = await self._call(batch, skip_locked=True)
+        except DATABASE_DOWN_ERRORS as exc:
+            for request in batch:
+                _fail(request, exc)
+            return
+        except asyncpg.PostgresError as exc:
+            if len(batch) == 1:
+                _fail(batch[0], _translate(exc))
+                return
+            log.warning("a batch of %d publishes failed (%s); retrying each alone", len(batch), exc.sqlstate)
+            for request in batch:
+                await self._commit([request])
+            return
+        stored = 0
+        for request, outcomes in zip(batch, _split(batch, rows), strict=True):
+            if any(o.status == "busy" for o in outcomes):
+                task = asyncio.get_running_loop().create_task(self._publish_alone(request))
+                self._alone.add(task)
+                task.add_done_callback(self._alone.discard)
+                continue
+            stored += sum(o.status == "new" for o in outcomes)
+            _succeed(request, outcomes)
+        if stored:
+            self.on_stored(stored)
+
+    async def _publish_alone(self, request: Request) -> None:
+        """A request on a channel another transaction holds: wait for it, publish_wait at most."""
+        try:
+            outcomes = _split([request], await self._call([request], skip_locked=False))[0]
+        except (*DATABASE_DOWN_ERRORS, asyncpg.PostgresError) as exc:
+            _fail(request, _translate(exc) if isinstance(exc, asyncpg.PostgresError) else exc)
+            return
+        stored = sum(o.status == "new" for o in outcomes)
+        if stored:
+            self.on_stored(stored)
+        _succeed(request, outcomes)
+
+    async def _call(self, batch: list[Request], *, skip_locked: bool) -> list[asyncpg.Record]:
+        requests, channels, types, datas, keys, prints = [], [], [], [], [], []
+        for index, request in enumerate(batch):
+            for item in request.items:
+                requests.append(index)
+                channels.append(item.channel)
+                types.append(item.type)
+                datas.append(item.data)
+                keys.append(request.key)
+                prints.append(request.fingerprint)
+        return await self.pool.fetch(
+            PUBLISH_BATCH_SQL, requests, channels, types, datas, keys, prints, self.wait_ms, skip_locked
+        )
+
+
+def _split(batch: list[Request], rows: list[asyncpg.Record]) -> list[list[Outcome]]:
+    """The rows (one per item, in item order) cut back into the requests' outcome lists."""
+    outcomes = [Outcome(r["status"], r["stored_offset"], r["stored_json"]) for r in rows]
+    result, start = [], 0
+    for request in batch:
+        result.append(outcomes[start : start + len(request.items)])
+        start += len(request.items)
+    return result
+
+
+def _translate(exc: asyncpg.PostgresError) -> BaseException:
+    """An error of one request alone, as its caller sees it: 503 behind a held channel, 422 for
+    data the database refuses (what validation let through), else the error itself (a 500)."""
+    if isinstance(exc, asyncpg.exceptions.LockNotAvailableError):
+        return channel_busy()
+    if isinstance(exc, asyncpg.exceptions.DataError):
+        return ValidationError(f"The database refused this event: {exc.message}")
+    return exc
+
+
+def _succeed(request: Request, outcomes: list[Outcome]) -> None:
+    if not request.future.done():
+        request.future.set_result(outcomes)
+
+
+def _fail(request: Request, exc: BaseException) -> None:
+    if not request.future.done():
+        request.future.set_exception(exc)
