@@ -13,7 +13,7 @@ import os
 import platform
 import sys
 
-from bench import fanout, http, presence, publish
+from bench import app_tokens, fanout, http, presence, publish
 
 
 def main() -> int:
@@ -21,6 +21,7 @@ def main() -> int:
     print(f"machine: {platform.machine()}, {cores} cores, Python {platform.python_version()}")
     failures = 0
     failures += http.main([]) != 0
+    failures += app_tokens.main([]) != 0
     failures += fanout.main(["--subscribers", "1000", "--idle", "5000"]) != 0
     failures += fanout.main(["--subscribers", "5000", "--idle", "0", "--events", "100", "--duration", "5"]) != 0
     failures += publish.main([]) != 0

@@ -63,6 +63,18 @@ async def publish(request: web.Request) -> web.Response:
     return web.json_response(event, status=201)
 
 
+async def publish_batch(request: web.Request) -> web.Response:
+    """POST /api/events in memory: the baseline of Herald's batch publish."""
+    body = await request.json()
+    broker = request.app[BROKER_KEY]
+    items = []
+    for item in body["events"]:
+        event = broker.store(item["channel"], item.get("type", "message"), item.get("data"))
+        await broker.fan_out(event)
+        items.append(event)
+    return web.json_response({"items": items}, status=201)
+
+
 def answer(broker: Broker, ws: web.WebSocketResponse, channels: set[str], message: dict) -> dict:
     """The reply to one client op; subscriptions are recorded in `channels` and the broker."""
     op, reply = message.get("op"), {"op": "ok", "id": message.get("id")}
@@ -122,6 +134,7 @@ def create_app() -> web.Application:
     app = web.Application()
     app[BROKER_KEY] = Broker()
     app.router.add_post("/api/channels/{channel}/events", publish)
+    app.router.add_post("/api/events", publish_batch)
     app.router.add_get("/ws", websocket)
     app.router.add_get("/sse", sse)
     app.router.add_get("/readyz", readyz)

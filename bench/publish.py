@@ -1,12 +1,18 @@
-"""Publish throughput: events stored per second, Herald against the naive server, in one run.
+"""Publish throughput and latency: Herald against the naive server, in one run.
 
-    .venv/bin/python -m bench.publish [--seconds 8] [--concurrency 32]
+    .venv/bin/python -m bench.publish [--seconds 5] [--concurrency 32] [--rate 500]
 
-Both servers run on core 0 and the publishers on core 1. Herald stores every event in
-PostgreSQL (one statement: offset, insert, NOTIFY) before answering 201; the naive
-server only counts in memory, so the ratio shows what durability costs. Beside the REST
-figure: events published from SQL by an application (herald.publish, PROTOCOL §12), one
-event per transaction (BEGIN, SELECT herald.publish, COMMIT) on 32 connections of its own.
+Three servers, one after another: the naive server (counts in memory, core 0), Herald
+with one worker (core 0) and Herald with two workers (both cores); the load generator
+runs on core 1. Herald stores every event in PostgreSQL (group-committed: concurrent
+publishes share one statement and one commit) before answering 201. For each server:
+
+- single-event REST publishes, `--concurrency` in flight, on 1 and on 16 channels;
+- batches of 100 events (`POST /api/events`, over 16 channels), 8 batches in flight;
+- latency (p50/p99) of single publishes sent at a steady `--rate` events/s over 16
+  channels, each measured from the moment it was due (so a stall is not hidden);
+- for Herald with one worker also: events published from SQL by an application
+  (`herald.publish`, PROTOCOL §12), one event per transaction on 32 connections.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -28,36 +36,84 @@ from bench import BenchError
 from bench.servers import Server, login, start_herald, start_naive, stop, wait_ready
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CHANNEL_COUNTS = (1, 16)  # one channel: every publish is ordered behind the one before (gapless offsets)
+BATCH_SIZE, BATCH_CHANNELS, BATCHES_IN_FLIGHT = 100, 16, 8
+DATA = {"text": "x" * 100}
+GOALS = {"single": 0.7, "batch": 20_000, "p99_ms": 10.0}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.publish", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=8.0, help="seconds of publishing per server (8)")
-    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (32)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds of each measurement (5)")
+    parser.add_argument("--concurrency", type=int, default=32, help="single publishes in flight (32)")
+    parser.add_argument("--rate", type=float, default=500.0, help="events/s of the latency measurement (500)")
     return parser.parse_args(argv)
 
 
-async def publish_for(
-    session: aiohttp.ClientSession, server: Server, seconds: float, concurrency: int, channels: int
-) -> float:
-    """Events stored per second with `concurrency` requests in flight spread over `channels`."""
-    headers = {"Content-Type": "application/json", **server.auth_headers()}
-    body = orjson.dumps({"type": "bench", "data": {"text": "x" * 100}})
+async def closed_loop(seconds: float, concurrency: int, send: Callable[[int], object]) -> float:
+    """`concurrency` loops, each sending as soon as its previous answer came; returns events/s."""
     stored = 0
     deadline = time.monotonic() + seconds
 
-    async def publisher(index: int) -> None:
+    async def loop(index: int) -> None:
         nonlocal stored
-        url = server.url(f"/api/channels/bench-publish-{index % channels}/events")
         while time.monotonic() < deadline:
-            async with session.post(url, data=body, headers=headers) as response:
-                if response.status != 201:
-                    raise BenchError(f"POST answered {response.status}: {(await response.text())[:200]}")
-                stored += 1
+            stored += await send(index)
 
     start = time.monotonic()
-    await asyncio.gather(*(publisher(i) for i in range(concurrency)))
+    await asyncio.gather(*(loop(i) for i in range(concurrency)))
     return stored / (time.monotonic() - start)
+
+
+def single_sender(session: aiohttp.ClientSession, server: Server, channels: int, prefix: str):
+    headers = {"Content-Type": "application/json", **server.auth_headers()}
+    body = orjson.dumps({"type": "bench", "data": DATA})
+
+    async def send(index: int) -> int:
+        url = server.url(f"/api/channels/{prefix}-{index % channels}/events")
+        async with session.post(url, data=body, headers=headers) as response:
+            if response.status != 201:
+                raise BenchError(f"POST answered {response.status}: {(await response.text())[:200]}")
+        return 1
+
+    return send
+
+
+def batch_sender(session: aiohttp.ClientSession, server: Server, prefix: str):
+    headers = {"Content-Type": "application/json", **server.auth_headers()}
+    body = orjson.dumps(
+        {
+            "events": [
+                {"channel": f"{prefix}-{i % BATCH_CHANNELS}", "type": "bench", "data": DATA} for i in range(BATCH_SIZE)
+            ]
+        }
+    )
+
+    async def send(_index: int) -> int:
+        async with session.post(server.url("/api/events"), data=body, headers=headers) as response:
+            if response.status != 201:
+                raise BenchError(f"POST /api/events answered {response.status}: {(await response.text())[:200]}")
+        return BATCH_SIZE
+
+    return send
+
+
+async def steady_latency(session: aiohttp.ClientSession, server: Server, seconds: float, rate: float, prefix: str):
+    """p50 and p99 in ms of publishes due every 1/rate s; each timed from when it was due."""
+    send = single_sender(session, server, 16, prefix)
+    latencies: list[float] = []
+    count = int(seconds * rate)
+    start = time.perf_counter() + 0.05
+
+    async def one(n: int) -> None:
+        due = start + n / rate
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        await send(n)
+        latencies.append((time.perf_counter() - due) * 1000)
+
+    await asyncio.gather(*(one(n) for n in range(count)))
+    latencies.sort()
+    return statistics.median(latencies), latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
 
 
 def database_url(workdir: Path) -> str:
@@ -75,76 +131,109 @@ def database_url(workdir: Path) -> str:
 async def sql_publish_for(url: str, seconds: float, connections: int, channels: int) -> float:
     """Events per second published by an application from SQL, one event per transaction."""
     pool = await asyncpg.create_pool(url, min_size=connections, max_size=connections)
-    data = orjson.dumps({"text": "x" * 100}).decode()
-    stored = 0
-    deadline = time.monotonic() + seconds
+    data = orjson.dumps(DATA).decode()
 
-    async def publisher(index: int) -> None:
-        nonlocal stored
-        channel = f"bench-sql-{index % channels}"
-        async with pool.acquire() as conn:
-            while time.monotonic() < deadline:
-                async with conn.transaction():
-                    await conn.fetchval("SELECT herald.publish($1, 'bench', $2::jsonb)", channel, data)
-                stored += 1
+    async def send(index: int) -> int:
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.fetchval("SELECT herald.publish($1, 'bench', $2::jsonb)", f"bench-sql-{index % channels}", data)
+        return 1
 
     try:
-        start = time.monotonic()
-        await asyncio.gather(*(publisher(i) for i in range(connections)))
-        return stored / (time.monotonic() - start)
+        return await closed_loop(seconds, connections, send)
     finally:
         await pool.close()
 
 
-CHANNEL_COUNTS = (1, 16)  # one channel: every publish waits for the one before (gapless offsets)
+async def measure(session, server: Server, args: argparse.Namespace, results: dict, sql_url: str | None) -> None:
+    def note(what: str, value: object) -> None:
+        results[what] = value
+        print(f"{server.name}, {what}: {value}", file=sys.stderr)
+
+    for channels in CHANNEL_COUNTS:
+        send = single_sender(session, server, channels, f"bench-{channels}")
+        note(f"single_{channels}", round(await closed_loop(args.seconds, args.concurrency, send)))
+    note(
+        "batch_100", round(await closed_loop(args.seconds, BATCHES_IN_FLIGHT, batch_sender(session, server, "bench-b")))
+    )
+    p50, p99 = await steady_latency(session, server, args.seconds, args.rate, "bench-steady")
+    note("steady_p50_ms", round(p50, 2))
+    note("steady_p99_ms", round(p99, 2))
+    if sql_url is not None:
+        for channels in CHANNEL_COUNTS:
+            note(f"sql_{channels}", round(await sql_publish_for(sql_url, args.seconds, args.concurrency, channels)))
 
 
-async def run(args: argparse.Namespace, workdir: Path) -> dict[str, dict[int, float]]:
-    results: dict[str, dict[int, float]] = {}
+async def run(args: argparse.Namespace, workdir: Path) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    starters = (
+        ("naive", lambda: start_naive(workdir / "naive", 0)),
+        ("herald-1", lambda: start_herald(workdir / "herald-1", 0, workers=1, name="herald-1")),
+        ("herald-2", lambda: start_herald(workdir / "herald-2", {0, 1}, workers=2, name="herald-2")),
+    )
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        for name, start in (("naive", start_naive), ("herald", start_herald)):
-            server = start(workdir / name, 0)
+        for name, start in starters:
+            (workdir / name).mkdir()
+            server = start()
             try:
                 await wait_ready(session, server, 90)
-                if name == "herald":
+                sql_url = None
+                if name != "naive":
                     server.token = await login(session, server)
+                    if name == "herald-1":
+                        sql_url = database_url(workdir / name)
                 results[name] = {}
-                for channels in CHANNEL_COUNTS:
-                    rate = await publish_for(session, server, args.seconds, args.concurrency, channels)
-                    results[name][channels] = rate
-                    print(f"{name}, {channels} channel(s): {rate:,.0f} events/s", file=sys.stderr)
-                if name == "herald":
-                    results["sql"] = {}
-                    url = database_url(workdir / name)
-                    for channels in CHANNEL_COUNTS:
-                        rate = await sql_publish_for(url, args.seconds, args.concurrency, channels)
-                        results["sql"][channels] = rate
-                        print(f"sql, {channels} channel(s): {rate:,.0f} events/s", file=sys.stderr)
+                await measure(session, server, args, results[name], sql_url)
             finally:
                 stop(server)
     return results
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "MISSED"
+
+
+def report(results: dict[str, dict], args: argparse.Namespace) -> None:
+    naive = results["naive"]
+    print(f"\nPublish (events stored per second; {args.concurrency} single publishes or 8 batches in flight)")
+    print(f"{'what':<34} {'naive':>9} {'herald 1w':>10} {'ratio':>7} {'herald 2w':>10} {'ratio':>7}")
+    for key, label in (
+        ("single_1", "single, 1 channel"),
+        ("single_16", "single, 16 channels"),
+        ("batch_100", "batches of 100"),
+    ):
+        one, two = results["herald-1"][key], results["herald-2"][key]
+        print(f"{label:<34} {naive[key]:>9,} {one:>10,} {one / naive[key]:>6.2f}x {two:>10,} {two / naive[key]:>6.2f}x")
+    for key, label in (("steady_p50_ms", "p50 ms at a steady rate"), ("steady_p99_ms", "p99 ms at a steady rate")):
+        print(f"{label:<34} {naive[key]:>9} {results['herald-1'][key]:>10} {'':>7} {results['herald-2'][key]:>10}")
+    for channels in CHANNEL_COUNTS:
+        sql, rest = results["herald-1"][f"sql_{channels}"], results["herald-1"][f"single_{channels}"]
+        print(f"{f'SQL in app transactions, {channels} ch':<34} {'':>9} {sql:>10,} {sql / rest:>6.2f}x of REST")
+    one = results["herald-1"]
+    single = min(one["single_1"] / naive["single_1"], one["single_16"] / naive["single_16"])
+    print(
+        f"\ngoals (1 worker): single >= {GOALS['single']}x naive: {single:.2f}x {verdict(single >= GOALS['single'])};",
+        end=" ",
+    )
+    print(
+        f"batches >= {GOALS['batch']:,}/s: {one['batch_100']:,} {verdict(one['batch_100'] >= GOALS['batch'])};", end=" "
+    )
+    p99 = one["steady_p99_ms"]
+    print(f"p99 at {args.rate:g}/s <= {GOALS['p99_ms']} ms: {p99} {verdict(p99 <= GOALS['p99_ms'])}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.sched_setaffinity(0, {1} if os.cpu_count() and os.cpu_count() > 1 else {0})
     with tempfile.TemporaryDirectory(prefix="herald-bench-publish-") as tmp:
-        for name in ("naive", "herald"):
-            (Path(tmp) / name).mkdir()
         try:
             results = asyncio.run(run(args, Path(tmp)))
         except BenchError as exc:
             print(f"bench failed: {exc}", file=sys.stderr)
             return 1
-    print(f"\nPublish throughput (events stored per second, REST, 1 worker, {args.concurrency} in flight)")
-    print(f"{'channels':>8} {'naive (memory)':>15} {'herald (PostgreSQL)':>20} {'herald/naive':>13}", end="")
-    print(f" {'SQL in app transactions':>24} {'SQL/REST':>9}")
-    for channels in CHANNEL_COUNTS:
-        naive, herald, sql = results["naive"][channels], results["herald"][channels], results["sql"][channels]
-        print(f"{channels:>8} {naive:15,.0f} {herald:20,.0f} {herald / naive:12.2f}x {sql:24,.0f} {sql / herald:8.2f}x")
+    report(results, args)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"publish-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"events_per_second": results, "args": vars(args)}, indent=2))
+    out.write_text(json.dumps({"results": results, "args": vars(args)}, indent=2))
     print(f"results written to {out}")
     return 0
 

@@ -128,9 +128,12 @@ def herald_env(workdir: Path) -> dict[str, str]:
     return env
 
 
-def start_herald(workdir: Path, core: int | set[int] | None, workers: int = 1, name: str = "herald") -> Server:
+def start_herald(
+    workdir: Path, core: int | set[int] | None, workers: int = 1, name: str = "herald", extra_settings: str = ""
+) -> Server:
+    """`extra_settings`: more TOML after the defaults (arrays of tables such as [[auth.issuers]])."""
     settings = workdir / "settings.toml"
-    settings.write_text(HERALD_SETTINGS.format(secrets_dir=json.dumps(str(workdir / "secrets"))))
+    settings.write_text(HERALD_SETTINGS.format(secrets_dir=json.dumps(str(workdir / "secrets"))) + extra_settings)
     port = free_port()
     args = [sys.executable, "run.py", "serve", "--host", "127.0.0.1", "--port", str(port)]
     args += ["--workers", str(workers), "--settings", str(settings)]

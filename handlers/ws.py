@@ -12,8 +12,7 @@ from handlers.http import decode_json, identity_of
 from server.errors import ApiError, BadRequest, Conflict, Forbidden, ValidationError
 from server.events.store import validate_event
 from server.identity.permissions import check_permission, check_presence
-from server.identity.users import identity_for_token
-from server.keys import hub_key, limiter_key, presence_key, rules_key, settings_key, store_key, tokens_key, users_key
+from server.keys import authenticator_key, hub_key, limiter_key, presence_key, rules_key, settings_key, store_key
 from server.limits.limiter import bucket_key, refusal
 from server.realtime.connections import WebSocketConnection
 from server.storage.db import DATABASE_DOWN_ERRORS
@@ -101,7 +100,7 @@ class Session:
         token = message.get("token")
         if not isinstance(token, str):
             raise ValidationError.field("token", "is required and must be a string")
-        identity = await identity_for_token(self.app[tokens_key], self.app[users_key], token, via="ws")
+        identity = await self.app[authenticator_key].identity_for(token, via="ws")
         if self.conn.identity is not None and self.conn.identity.id != identity.id:
             raise Forbidden("A connection cannot change its user")
         self.conn.set_identity(identity)

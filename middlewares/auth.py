@@ -18,13 +18,12 @@ from middlewares.limiter import charge, is_limited
 from server.errors import ApiError, Forbidden, Unauthorized
 from server.identity.auth import Identity
 from server.identity.secrets import load_or_create_secret
-from server.identity.users import identity_for_token
 from server.keys import (
+    authenticator_key,
     identity_key,
     metrics_token_key,
     sessions_key,
     settings_key,
-    tokens_key,
     users_key,
 )
 from server.settings import AuthSettings
@@ -101,7 +100,7 @@ async def identify(request: web.Request) -> Identity | None:
 
 
 async def identity_from_token(app: web.Application, token: str, via: str) -> Identity:
-    return await identity_for_token(app[tokens_key], app[users_key], token, via)
+    return await app[authenticator_key].identity_for(token, via)
 
 
 async def identity_from_session(request: web.Request) -> Identity | None:

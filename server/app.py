@@ -8,7 +8,7 @@ from pathlib import Path
 import aiohttp_cors
 from aiohttp import web
 
-from handlers import auth, batch, channels, events, health, metrics, openapi, sse, static, users, ws
+from handlers import auth, batch, channels, events, health, metrics, openapi, revocations, sse, static, users, ws
 from middlewares.access_log import access_log_middleware
 from middlewares.auth import auth_middleware, herald_session_middleware
 from middlewares.errors import errors_middleware
@@ -16,14 +16,20 @@ from middlewares.limiter import add_ratelimit_headers, limiter_middleware
 from middlewares.request_id import request_id_middleware, set_request_id_header
 from middlewares.security import security_headers
 from server.identity.auth import TokenService
+from server.identity.identify import Authenticator
+from server.identity.issuers import Issuers
 from server.identity.permissions import compile_rules
+from server.identity.revocations import Revocations, revocation_lifetime
 from server.identity.sessions import SessionStore
 from server.identity.users import UserStore
 from server.keys import (
     access_log_key,
+    authenticator_key,
+    issuers_key,
     limiter_key,
     metrics_key,
     pool_key,
+    revocations_key,
     rules_key,
     sessions_key,
     settings_key,
@@ -60,7 +66,8 @@ def create_app(
     )
     app[settings_key] = settings
     app[tokens_key] = TokenService(settings.auth)
-    app[rules_key] = compile_rules(settings.channels)
+    app[issuers_key] = Issuers(settings.auth.issuers)
+    app[rules_key] = compile_rules(settings.channels, id_prefixes=(i.id_prefix for i in settings.auth.issuers))
     app[limiter_key] = limiter or RateLimiter()
     app[metrics_key] = Metrics()
     app[access_log_key] = access_log or AccessLog()
@@ -82,9 +89,16 @@ def create_app(
 
 async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[settings_key]
-    app[users_key] = UserStore(app[pool_key], settings.auth.bcrypt_rounds)
+    revoked = app[revocations_key] = Revocations(app[pool_key], revocation_lifetime(settings.auth))
+    await revoked.reload()
+    app[users_key] = UserStore(app[pool_key], settings.auth.bcrypt_rounds, revocations=revoked)
     app[sessions_key] = SessionStore(app[pool_key], settings.auth.session_ttl)
-    yield
+    app[authenticator_key] = Authenticator(app[tokens_key], app[users_key], app[issuers_key], revoked)
+    await app[issuers_key].start()
+    try:
+        yield
+    finally:
+        await app[issuers_key].close()
 
 
 def add_routes(app: web.Application) -> None:
@@ -99,6 +113,7 @@ def add_routes(app: web.Application) -> None:
     router.add_get("/api/users", users.list_users)
     router.add_patch("/api/users/{id}", users.update_user)
     router.add_delete("/api/users/{id}", users.delete_user)
+    router.add_post("/api/revocations", revocations.revoke)
     router.add_get("/api/channels", channels.list_channels)
     router.add_post("/api/channels/{channel}/events", events.publish)
     router.add_get("/api/channels/{channel}/events", events.history)

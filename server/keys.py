@@ -11,7 +11,10 @@ if TYPE_CHECKING:
     from server.events.broker import Broker
     from server.events.store import EventStore
     from server.identity.auth import TokenService
+    from server.identity.identify import Authenticator
+    from server.identity.issuers import Issuers
     from server.identity.permissions import CompiledRule
+    from server.identity.revocations import Revocations
     from server.identity.sessions import SessionStore
     from server.identity.users import UserStore
     from server.limits.limiter import Decision, RateLimiter
@@ -28,6 +31,9 @@ pool_key = web.AppKey("pool_key", asyncpg.Pool)
 tokens_key: web.AppKey[TokenService] = web.AppKey("tokens_key")
 users_key: web.AppKey[UserStore] = web.AppKey("users_key")
 sessions_key: web.AppKey[SessionStore] = web.AppKey("sessions_key")
+issuers_key: web.AppKey[Issuers] = web.AppKey("issuers_key")
+revocations_key: web.AppKey[Revocations] = web.AppKey("revocations_key")
+authenticator_key: web.AppKey[Authenticator] = web.AppKey("authenticator_key")  # identity's one front door
 rules_key: web.AppKey[tuple[CompiledRule, ...]] = web.AppKey("rules_key")
 store_key: web.AppKey[EventStore] = web.AppKey("store_key")
 hub_key: web.AppKey[Hub] = web.AppKey("hub_key")

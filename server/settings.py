@@ -20,6 +20,14 @@ from typing import Any
 # A schema name used unquoted in SQL and in the role name <schema>_publisher (63 bytes at most).
 SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "EdDSA")
+# What an application issuer ([[auth.issuers]]) may pin: HMAC with `secret`, the rest with public keys.
+ISSUER_HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+ISSUER_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+ISSUER_KEY_SOURCES = ("secret", "public_key_file", "jwks_file", "jwks_url")
+ISSUER_MIN_SECRET_BYTES = 32  # RFC 7518 §3.2: an HS256 key at least as long as its hash
+# An issuer's id_prefix is a namespace ending in ':' (Herald's own ids are digits, so never collide).
+ID_PREFIX = re.compile(r"[A-Za-z0-9_.@-]{1,63}:")
+RESERVED_ROLES = frozenset({"admin", "anonymous", "authenticated", "owner"})
 # HERALD_* variables that are not overrides of a settings section.
 NON_SETTING_VARIABLES = {"HERALD_SETTINGS", "HERALD_ADMIN_USERNAME", "HERALD_ADMIN_PASSWORD"}
 
@@ -69,6 +77,26 @@ class DatabaseSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class IssuerSettings:
+    """One application that signs its own users' tokens (PROTOCOL §13), from [[auth.issuers]]."""
+
+    issuer: str
+    audience: str
+    algorithms: tuple[str, ...]
+    id_prefix: str
+    secret: str = ""
+    public_key_file: str = ""
+    jwks_file: str = ""
+    jwks_url: str = ""
+    allowed_roles: tuple[str, ...] = ()
+    max_token_ttl: int = 86400
+
+    @property
+    def key_source(self) -> str:
+        return next(name for name in ISSUER_KEY_SOURCES if getattr(self, name))
+
+
+@dataclass(frozen=True, slots=True)
 class AuthSettings:
     jwt_secret: str = ""
     jwt_algorithm: str = "HS256"
@@ -81,6 +109,7 @@ class AuthSettings:
     session_secret: str = ""
     session_ttl: int = 86400
     secrets_dir: str = "var"
+    issuers: tuple[IssuerSettings, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,9 +207,13 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Settin
         section = raw.get(name, {})
         if not isinstance(section, dict):
             raise SettingsError(name, "must be a table")
+        if name == "auth":
+            section = {key: value for key, value in section.items() if key != "issuers"}
         values[name] = _build_section(name, cls, section, _overrides_for(name, cls, environ))
     _check_overrides_known(environ)
     values["channels"] = _build_channel_rules(raw.get("channels", []))
+    auth_table = raw.get("auth", {})
+    values["auth"] = dataclasses.replace(values["auth"], issuers=_build_issuers(auth_table.get("issuers", [])))
     url = environ.get("DATABASE_URL")
     if url:
         values["database"] = dataclasses.replace(values["database"], url=url)
@@ -208,7 +241,7 @@ def _overrides_for(section: str, cls: type, environ: Mapping[str, str]) -> dict[
     for var, value in environ.items():
         if var.startswith(prefix):
             key = var[len(prefix) :].lower()
-            if key not in keys:
+            if key not in keys or (section, key) == ("auth", "issuers"):
                 raise SettingsError(var, "unknown setting")
             found[key] = value
     return found
@@ -322,6 +355,80 @@ def _build_channel_rules(raw: Any) -> tuple[ChannelRule, ...]:
     return tuple(rules)
 
 
+ISSUER_FIELDS = {f.name: f for f in dataclasses.fields(IssuerSettings)}
+
+
+def _build_issuers(raw: Any) -> tuple[IssuerSettings, ...]:
+    """[[auth.issuers]]: each checked on its own here, against the others in _check_issuers."""
+    if not isinstance(raw, list):
+        raise SettingsError("auth.issuers", "must be an array of tables ([[auth.issuers]])")
+    issuers = []
+    for index, item in enumerate(raw):
+        key = f"auth.issuers[{index}]"
+        if not isinstance(item, dict):
+            raise SettingsError(key, "must be a table")
+        unknown = set(item) - set(ISSUER_FIELDS)
+        if unknown:
+            raise SettingsError(f"{key}.{sorted(unknown)[0]}", "unknown key")
+        for name in ("issuer", "audience", "algorithms", "id_prefix"):
+            if name not in item:
+                raise SettingsError(f"{key}.{name}", "is required")
+        values = {name: _coerce(f"{key}.{name}", ISSUER_FIELDS[name].type, value) for name, value in item.items()}
+        issuers.append(_checked_issuer(key, IssuerSettings(**values)))
+    return tuple(issuers)
+
+
+def _checked_issuer(key: str, issuer: IssuerSettings) -> IssuerSettings:
+    if not issuer.issuer:
+        raise SettingsError(f"{key}.issuer", "must not be empty")
+    if not issuer.audience:
+        raise SettingsError(f"{key}.audience", "must not be empty")
+    if not ID_PREFIX.fullmatch(issuer.id_prefix):
+        raise SettingsError(f"{key}.id_prefix", "must be 1 to 63 characters of A-Z a-z 0-9 _ . @ - and then ':'")
+    reserved = RESERVED_ROLES.intersection(issuer.allowed_roles)
+    if reserved:
+        raise SettingsError(f"{key}.allowed_roles", f"must not contain {sorted(reserved)[0]!r}")
+    sources = [name for name in ISSUER_KEY_SOURCES if getattr(issuer, name)]
+    if not sources:
+        raise SettingsError(key, "needs one key: secret, public_key_file, jwks_file or jwks_url")
+    if len(sources) > 1:
+        raise SettingsError(f"{key}.{sources[1]}", f"only one key source per issuer ({sources[0]} is set)")
+    if not issuer.algorithms:
+        raise SettingsError(f"{key}.algorithms", "must list at least one algorithm")
+    hmac = sources[0] == "secret"
+    allowed = ISSUER_HMAC_ALGORITHMS if hmac else ISSUER_KEY_ALGORITHMS
+    for algorithm in issuer.algorithms:
+        if algorithm not in allowed:
+            needs = "a public key (public_key_file, jwks_file, jwks_url)" if hmac else "secret"
+            what = "unknown" if algorithm not in ISSUER_HMAC_ALGORITHMS + ISSUER_KEY_ALGORITHMS else f"needs {needs}"
+            raise SettingsError(f"{key}.algorithms", f"{algorithm!r}: {what}; {sources[0]} takes {', '.join(allowed)}")
+    if hmac and len(issuer.secret.encode()) < ISSUER_MIN_SECRET_BYTES:
+        raise SettingsError(f"{key}.secret", f"must be at least {ISSUER_MIN_SECRET_BYTES} bytes")
+    if issuer.jwks_url and not issuer.jwks_url.startswith(("https://", "http://")):
+        raise SettingsError(f"{key}.jwks_url", "must be an http:// or https:// URL")
+    for name in ("public_key_file", "jwks_file"):
+        path = getattr(issuer, name)
+        if path and not Path(path).is_file():
+            raise SettingsError(f"{key}.{name}", f"{path!r} is not a readable file")
+    return issuer
+
+
+def _check_issuers(auth: AuthSettings) -> None:
+    seen_issuers: set[str] = {auth.jwt_issuer}
+    seen_prefixes: set[str] = set()
+    for index, issuer in enumerate(auth.issuers):
+        if issuer.issuer in seen_issuers:
+            also = "auth.jwt_issuer" if issuer.issuer == auth.jwt_issuer else "another issuer"
+            raise SettingsError(f"auth.issuers[{index}].issuer", f"{issuer.issuer!r} is already used by {also}")
+        if issuer.id_prefix in seen_prefixes:
+            raise SettingsError(f"auth.issuers[{index}].id_prefix", f"{issuer.id_prefix!r} is used by another issuer")
+        seen_issuers.add(issuer.issuer)
+        seen_prefixes.add(issuer.id_prefix)
+        from server.identity.issuers import check_issuer_keys  # here: it needs the settings types
+
+        check_issuer_keys(index, issuer)
+
+
 def _check_cross_field(settings: Settings) -> None:
     if not 1 <= settings.server.port <= 65535:
         raise SettingsError("server.port", "must be between 1 and 65535")
@@ -337,6 +444,7 @@ def _check_cross_field(settings: Settings) -> None:
         raise SettingsError("auth.jwt_algorithm", f"must be one of {', '.join(JWT_ALGORITHMS)}")
     if not auth.jwt_algorithm.startswith("HS") and not (auth.jwt_private_key_file or auth.jwt_public_key_file):
         raise SettingsError("auth.jwt_public_key_file", f"is required with {auth.jwt_algorithm}")
+    _check_issuers(auth)
     if not 4 <= auth.bcrypt_rounds <= 31:
         raise SettingsError("auth.bcrypt_rounds", "must be between 4 and 31")
     if settings.limits.burst < 1:

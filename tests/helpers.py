@@ -100,7 +100,12 @@ class WsClient:
         """Read until the server closes; return the close code."""
         while True:
             message = await asyncio.wait_for(self.ws.receive(), timeout)
-            if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING):
+            if message.type == WSMsgType.CLOSE:
+                # The code the server sent: aiohttp's server drops the TCP connection right
+                # after a close started outside the reader task, so the client's own reply
+                # may fail, and then ws.close_code says 1006 whatever the server sent.
+                return message.data
+            if message.type in (WSMsgType.CLOSED, WSMsgType.CLOSING):
                 return self.ws.close_code
             if message.type == WSMsgType.ERROR:
                 return self.ws.close_code

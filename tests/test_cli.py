@@ -92,6 +92,9 @@ def migration_names(directory: Path = db.MIGRATIONS_DIR) -> list[str]:
 
 # --- (a) a bad setting: exit 2, one line naming the key ---------------------------------
 
+ISSUER = '[[auth.issuers]]\nissuer = "https://app.example"\naudience = "herald"\nalgorithms = ["HS256"]\n'
+ISSUER += 'id_prefix = "app:"\n'
+
 
 @pytest.mark.parametrize(
     ("args", "environ", "content", "key"),
@@ -107,6 +110,14 @@ def migration_names(directory: Path = db.MIGRATIONS_DIR) -> list[str]:
         (["migrate", "--settings", "{file}"], {}, "[server]\ntrusted_proxies = ['proxy']\n", "server.trusted_proxies"),
         (["migrate", "--settings", "{file}"], {}, None, "{file}"),  # the file does not exist
         (["migrate"], {"DATABASE_URL": "mysql://u:p@h/db"}, None, "database.url"),
+        (["migrate", "--settings", "{file}"], {}, ISSUER + 'secret = "too short"\n', "auth.issuers[0].secret"),
+        (["migrate", "--settings", "{file}"], {}, ISSUER, "auth.issuers[0]"),  # no key at all
+        (
+            ["migrate", "--settings", "{file}"],
+            {},
+            ISSUER + f'secret = "{"k" * 32}"\nallowed_roles = ["publisher", "admin"]\n',
+            "auth.issuers[0].allowed_roles",
+        ),
     ],
 )
 def test_a_bad_setting_exits_2_with_one_line_naming_the_key(tmp_path, args, environ, content, key):

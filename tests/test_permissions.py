@@ -6,7 +6,14 @@ import pytest
 
 from server.errors import Forbidden, Unauthorized, ValidationError
 from server.identity.auth import Identity
-from server.identity.permissions import channel_rule_for, check_permission, compile_rules, is_valid_channel, may
+from server.identity.permissions import (
+    channel_rule_for,
+    check_permission,
+    compile_grants,
+    compile_rules,
+    is_valid_channel,
+    may,
+)
 from server.settings import ChannelRule, SettingsError
 from tests.conftest import TEST_CHANNEL_RULES
 
@@ -286,3 +293,80 @@ def test_check_permission_returns_none_when_allowed():
     assert check_permission(ANON, "subscribe", "public:x", TEST_RULES) is None
     assert check_permission(PUBLISHER, "publish", "public:x", TEST_RULES) is None
     assert check_permission(who(id="42"), "subscribe", "user:42", TEST_RULES) is None
+
+
+# --- application identities (PROTOCOL §13): prefixed ids, channel grants ------------------------
+
+
+def prefixed_rules(*specs: tuple[str, list[str], list[str]]):
+    return compile_rules((ChannelRule(p, tuple(s), tuple(u)) for p, s, u in specs), id_prefixes=("app:", "b2c:"))
+
+
+@pytest.mark.parametrize(
+    ("identity_id", "channel", "expected"),
+    [
+        ("app:42", "user:app:42", True),
+        ("b2c:42", "user:b2c:42", True),
+        ("app:42", "user:app:43", False),
+        ("app:42", "user:b2c:42", False),
+        ("42", "user:42", True),
+        ("42", "user:app:42", False),
+        ("app:42", "user:42", False),
+        ("x:42", "user:x:42", False),  # not a configured prefix: {sub} still never spans a ':'
+    ],
+)
+def test_owner_compares_with_the_prefixed_id_of_a_configured_issuer(identity_id, channel, expected):
+    compiled = prefixed_rules(("user:{sub}", ["owner"], []))
+    assert may(who(id=identity_id), "subscribe", channel, compiled) is expected
+
+
+def test_a_prefixed_private_channel_matches_its_rule_for_everyone_not_a_later_one():
+    compiled = prefixed_rules(("user:{sub}", ["owner"], []), ("*", ["authenticated"], []))
+    assert may(who(id="42"), "subscribe", "user:app:42", compiled) is False
+    assert channel_rule_for(compiled, "user:app:42") == (compiled[0], "app:42")
+
+
+def granted(claim, identity_id: str = "app:7", roles=()) -> Identity:
+    return Identity(identity_id, "g", frozenset(roles), grants=compile_grants(claim, identity_id))
+
+
+@pytest.mark.parametrize(
+    ("claim", "action", "channel", "expected"),
+    [
+        ({"subscribe": ["secret:team-*"]}, "subscribe", "secret:team-a", True),
+        ({"subscribe": ["secret:team-*"]}, "publish", "secret:team-a", False),
+        ({"subscribe": ["secret:team-*"]}, "subscribe", "secret:other", False),
+        ({"publish": ["secret:{sub}"]}, "publish", "secret:app:7", True),
+        ({"publish": ["secret:{sub}"]}, "publish", "secret:app:8", False),
+        ({"publish": ["secret:{sub}"]}, "publish", "secret:7", False),
+        ({"subscribe": ["secret:[ab]"]}, "subscribe", "secret:b", True),
+        ({"subscribe": ["secret:x"]}, "subscribe", "secret:xy", False),
+        ({}, "subscribe", "secret:x", False),
+    ],
+)
+def test_channel_grants_add_their_patterns_and_nothing_else(claim, action, channel, expected):
+    compiled = rules(("secret:*", ["admin"], ["admin"]))
+    assert may(granted(claim), action, channel, compiled) is expected
+
+
+def test_a_grant_holds_even_where_the_first_matching_rule_denies():
+    compiled = rules(("secret:*", [], []), ("*", ["anonymous"], []))
+    assert may(granted({"subscribe": ["secret:x"]}), "subscribe", "secret:x", compiled) is True
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [
+        "secret:*",
+        ["secret:*"],
+        {"subscribe": "secret:*"},
+        {"subscribe": [1]},
+        {"subscribe": [""]},
+        {"subscribe": ["x" * 257]},
+        {"subscribe": ["a"] * 65},
+        {"read": ["a"]},
+    ],
+)
+def test_a_malformed_channels_claim_is_refused(claim):
+    with pytest.raises(ValueError, match=r"must be|patterns"):
+        compile_grants(claim, "app:7")

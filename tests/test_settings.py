@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 
-from server.settings import SECTIONS, ChannelRule, Settings, SettingsError, build_settings, load_settings
+from server.settings import (
+    SECTIONS,
+    ChannelRule,
+    IssuerSettings,
+    Settings,
+    SettingsError,
+    build_settings,
+    load_settings,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "settings.toml"
@@ -66,8 +74,14 @@ def test_no_channel_rules_by_default_and_every_protocol_section_exists():
 
 @pytest.mark.parametrize("section", sorted(SECTIONS))
 def test_shipped_settings_toml_documents_every_key(section):
-    raw = tomllib.loads(SHIPPED.read_text())
+    text = SHIPPED.read_text()
+    raw = tomllib.loads(text)
     fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
+    if section == "auth":  # none by default: shown as a commented [[auth.issuers]] table with every key
+        fields.remove("issuers")
+        example = text.split("# [[auth.issuers]]\n", 1)[1].split("\n\n", 1)[0]
+        shown = {line[2:].split("=")[0].strip() for line in example.splitlines()}
+        assert shown == {f.name for f in dataclasses.fields(IssuerSettings)}
     assert set(raw[section]) == fields
     assert set(PROTOCOL_DEFAULTS[section]) <= set(raw[section])
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from server.keys import pool_key, tokens_key, users_key
-from tests.conftest import truncate_all
+from tests.conftest import truncate_all, wait_for
 
 PASSWORD = "correct horse"
 
@@ -253,7 +255,7 @@ async def test_a_valid_token_for_no_existing_user_is_401(client, admin, sub):
     await problem(resp, 401, "unauthorized")
 
 
-async def test_disabling_a_user_stops_their_token_and_login_and_enabling_restores_them(client, admin):
+async def test_disabling_a_user_stops_their_token_and_login_and_enabling_restores_only_login(client, admin):
     erin = await make_user(client, "erin", "subscriber")
     token = await login(client, "erin")
     resp = await client.patch(f"/api/users/{erin.id}", json={"disabled": True}, headers=admin)
@@ -267,7 +269,12 @@ async def test_disabling_a_user_stops_their_token_and_login_and_enabling_restore
     resp = await client.patch(f"/api/users/{erin.id}", json={"disabled": False}, headers=admin)
     assert resp.status == 200
     assert (await resp.json())["disabled"] is False
-    assert (await client.get("/api/me", headers=bearer(token))).status == 200
+    # Re-enabling revives no token issued before the disable (it was a revocation, PROTOCOL §15 §13).
+    await problem(await client.get("/api/me", headers=bearer(token)), 401, "unauthorized")
+    revoked_at = await client.app[pool_key].fetchval(
+        "SELECT revoked_at FROM revocations WHERE identity_id = $1", str(erin.id)
+    )
+    await wait_for(lambda: time.time() >= revoked_at + 1)  # iat at or before it (whole seconds) is refused
     fresh = await login(client, "erin")
     me = await client.get("/api/me", headers=bearer(fresh))
     assert (await me.json())["username"] == "erin"

@@ -34,6 +34,7 @@ class Broker:
         deliver: Callable[[StoredEvent], None],
         on_user_change: Callable[[str], Awaitable[None]],
         schema: str = db.DEFAULT_SCHEMA,
+        on_reconnect: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.dsn = dsn
         self.schema = schema
@@ -41,6 +42,7 @@ class Broker:
         self.store = store
         self.deliver = deliver
         self.on_user_change = on_user_change
+        self.on_reconnect = on_reconnect  # state kept from user-change notices is re-read: some may be missed
         self.last: dict[str, int] = {}  # served channel -> last offset handed to the hub
         self._connected = asyncio.Event()
         self._queue: asyncio.Queue[tuple] = asyncio.Queue()
@@ -158,6 +160,8 @@ class Broker:
         elif kind == "release":
             self.last.pop(item[1], None)
         elif kind == "catch_up":
+            if self.on_reconnect is not None:
+                await self.on_reconnect()
             for channel in list(self.last):
                 await self._fill(channel, None)
         elif kind == "user":

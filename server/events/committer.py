@@ -97,11 +97,16 @@ class GroupCommitter:
                     request = self._pending.pop(0)
                     batch.append(request)
                     size += len(request.items)
-                if self.before_flight is not None:
-                    waiting = self.before_flight(batch)
-                    if asyncio.iscoroutine(waiting):
-                        await waiting
-                await self._commit(batch)
+                try:
+                    if self.before_flight is not None:
+                        waiting = self.before_flight(batch)
+                        if asyncio.iscoroutine(waiting):
+                            await waiting
+                    await self._commit(batch)
+                except Exception as exc:  # a bug here must not leave its callers waiting forever
+                    log.exception("group commit failed")
+                    for request in batch:
+                        _fail(request, exc)
         finally:
             self._flight = None
 

@@ -7,7 +7,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import bcrypt
 import jwt
@@ -15,19 +15,26 @@ import jwt
 from server.identity.secrets import load_or_create_secret
 from server.settings import AuthSettings
 
+if TYPE_CHECKING:
+    from server.identity.permissions import Grants
+
 BCRYPT_MAX_BYTES = 72
 VERIFIED_CACHE_SIZE = 10_000
 
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who is calling. `via` says which credential proved it; `expires` is the token's exp."""
+    """Who is calling. `via` says which credential proved it; `expires` is the token's exp,
+    `issued_at` its iat (what a revocation compares), `grants` an application token's
+    `channels` claim (PROTOCOL §13)."""
 
     id: str
     username: str
     roles: frozenset[str]
     via: str = "bearer"
     expires: float | None = None
+    issued_at: float | None = None
+    grants: Grants | None = None
 
     @property
     def is_admin(self) -> bool:

@@ -33,11 +33,18 @@ class CompiledRule:
         return self.subscribe if action == "subscribe" else self.publish
 
 
-def compile_rule(rule: ChannelRule, index: int = 0) -> CompiledRule:
+def sub_regex(id_prefixes: Iterable[str] = ()) -> str:
+    """What {sub} matches: an id without ':', optionally behind an issuer's id_prefix (§13:
+    owner compares with the prefixed id, so `user:{sub}` is `user:app:42` for `app:` + 42)."""
+    prefixes = "|".join(re.escape(prefix) for prefix in sorted(id_prefixes, key=len, reverse=True))
+    return f"(?P<sub>(?:{prefixes})?[^:]+)" if prefixes else "(?P<sub>[^:]+)"
+
+
+def compile_rule(rule: ChannelRule, index: int = 0, id_prefixes: Iterable[str] = ()) -> CompiledRule:
     """An fnmatch pattern, in which {sub} stands for one caller's id, as an anchored regex."""
     pieces = rule.pattern.split(SUB_PLACEHOLDER)
     translated = [_unanchored(fnmatch.translate(piece)) for piece in pieces]
-    regex = "(?P<sub>[^:]+)".join(translated)
+    regex = sub_regex(id_prefixes).join(translated)
     if len(pieces) > 2:
         raise SettingsError(f"channels[{index}].pattern", "may hold {sub} at most once")
     try:
@@ -53,8 +60,51 @@ def _unanchored(translated: str) -> str:
     return match[1] if match else translated
 
 
-def compile_rules(rules: Iterable[ChannelRule]) -> tuple[CompiledRule, ...]:
-    return tuple(compile_rule(rule, index) for index, rule in enumerate(rules))
+def compile_rules(rules: Iterable[ChannelRule], id_prefixes: Iterable[str] = ()) -> tuple[CompiledRule, ...]:
+    id_prefixes = tuple(id_prefixes)
+    return tuple(compile_rule(rule, index, id_prefixes) for index, rule in enumerate(rules))
+
+
+MAX_GRANTS = 64  # patterns per action in one token's `channels` claim
+MAX_GRANT_LENGTH = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Grants:
+    """An application token's `channels` claim (§13): channels granted on top of the rules."""
+
+    subscribe: tuple[re.Pattern[str], ...] = ()
+    publish: tuple[re.Pattern[str], ...] = ()
+
+    def allows(self, action: Action, channel: str) -> bool:
+        patterns = self.subscribe if action == "subscribe" else self.publish
+        return any(pattern.match(channel) for pattern in patterns)
+
+
+def compile_grants(claim: object, identity_id: str) -> Grants | None:
+    """The claim's patterns as anchored regexes, {sub} being exactly this identity's id.
+    ValueError says what is wrong with a malformed claim (the token is then refused)."""
+    if claim is None:
+        return None
+    if not isinstance(claim, dict) or set(claim) - {"subscribe", "publish"}:
+        raise ValueError('must be an object with "subscribe" and/or "publish" lists')
+    compiled: dict[str, tuple[re.Pattern[str], ...]] = {}
+    for action in ("subscribe", "publish"):
+        patterns = claim.get(action, [])
+        if not isinstance(patterns, list) or len(patterns) > MAX_GRANTS:
+            raise ValueError(f"{action} must be a list of at most {MAX_GRANTS} patterns")
+        if not all(isinstance(p, str) and 0 < len(p) <= MAX_GRANT_LENGTH for p in patterns):
+            raise ValueError(f"{action} patterns must be strings of 1 to {MAX_GRANT_LENGTH} characters")
+        compiled[action] = tuple(_grant_regex(p, identity_id) for p in patterns)
+    return Grants(compiled["subscribe"], compiled["publish"])
+
+
+def _grant_regex(pattern: str, identity_id: str) -> re.Pattern[str]:
+    pieces = [_unanchored(fnmatch.translate(piece)) for piece in pattern.split(SUB_PLACEHOLDER)]
+    try:
+        return re.compile(f"(?s:{re.escape(identity_id).join(pieces)})\\Z")
+    except re.error as exc:
+        raise ValueError(f"{pattern!r} is not a valid pattern: {exc}") from None
 
 
 def channel_rule_for(rules: Iterable[CompiledRule], channel: str) -> tuple[CompiledRule, str | None] | None:
@@ -81,9 +131,11 @@ def check_presence(identity: Identity | None, channel: str, rules: Iterable[Comp
 
 
 def may(identity: Identity | None, action: Action, channel: str, rules: Iterable[CompiledRule]) -> bool:
-    """First match wins, default deny; admin may do everything."""
+    """First match wins, default deny; admin may do everything; a token's grants add channels."""
     if identity is not None and identity.is_admin:
         return True
+    if identity is not None and identity.grants is not None and identity.grants.allows(action, channel):
+        return True  # a grant holds whatever rule matches first (§15)
     found = channel_rule_for(rules, channel)
     if found is None:
         return False

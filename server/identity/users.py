@@ -6,12 +6,15 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from server.errors import Conflict, Unauthorized, ValidationError
-from server.identity.auth import Identity, InvalidToken, TokenService, check_password, hash_password, password_problem
+from server.errors import Conflict, ValidationError
+from server.identity.auth import check_password, hash_password, password_problem
+
+if TYPE_CHECKING:
+    from server.identity.revocations import Revocations
 
 USERNAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 ROLE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -66,8 +69,11 @@ def validate_new_user(username: Any, password: Any, roles: Any) -> tuple[str, st
 
 
 class UserStore:
-    def __init__(self, pool: asyncpg.Pool, bcrypt_rounds: int, cache_ttl: float = 5.0) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, bcrypt_rounds: int, cache_ttl: float = 5.0, revocations: Revocations | None = None
+    ) -> None:
         self.pool = pool
+        self.revocations = revocations  # a disable revokes the user's tokens, so re-enabling revives none
         self.bcrypt_rounds = bcrypt_rounds
         self.cache_ttl = cache_ttl
         self._cache: dict[str, tuple[User | None, float]] = {}
@@ -114,6 +120,8 @@ class UserStore:
             )
             if row is not None:
                 await conn.execute("SELECT pg_notify($1, $2)", USER_CHANGES_CHANNEL, str(user_id))
+                if disabled and self.revocations is not None:
+                    await self.revocations.record(conn, str(user_id))
         self.forget(str(user_id))
         return User.from_row(row) if row else None
 
@@ -151,15 +159,3 @@ class UserStore:
         if self._dummy_hash is None:
             self._dummy_hash = await hash_password("not-a-real-password", self.bcrypt_rounds)
         return self._dummy_hash
-
-
-async def identity_for_token(tokens: TokenService, users: UserStore, token: str, via: str) -> Identity:
-    """The identity a token proves: valid signature and claims, and an existing, active user."""
-    try:
-        claims = tokens.verify(token)
-    except InvalidToken:
-        raise Unauthorized("The token is invalid or expired") from None
-    user = await users.active_user(claims["sub"])
-    if user is None:
-        raise Unauthorized("The token's user no longer exists or is disabled")
-    return Identity(str(user.id), user.username, frozenset(user.roles), via=via, expires=float(claims["exp"]))

@@ -11,12 +11,15 @@ from aiohttp import web
 
 from server.events.broker import Broker
 from server.events.store import EventStore
+from server.identity.revocations import Revocations, parse_notification
 from server.keys import (
     broker_key,
     hub_key,
+    issuers_key,
     metrics_key,
     pool_key,
     presence_key,
+    revocations_key,
     roster_key,
     rules_key,
     settings_key,
@@ -30,6 +33,8 @@ from server.realtime.roster import Roster
 from server.storage.db import DATABASE_DOWN_ERRORS
 
 log = logging.getLogger("herald.realtime")
+
+REVOCATION_PRUNE_INTERVAL = 60.0  # seconds
 
 
 async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -45,6 +50,9 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
     hub.presence = presence
 
     async def on_user_change(user_id: str) -> None:
+        if (revocation := parse_notification(user_id)) is not None:
+            close_revoked(hub, app[revocations_key], *revocation)
+            return
         users = app[users_key]
         users.forget(user_id)
         if await users.active_user(user_id) is None:
@@ -52,7 +60,12 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
                 conn.close(4403, "user removed or disabled")
 
     broker = app[broker_key] = Broker(
-        settings.database.url, store, hub.dispatch, on_user_change, schema=settings.database.schema
+        settings.database.url,
+        store,
+        hub.dispatch,
+        on_user_change,
+        schema=settings.database.schema,
+        on_reconnect=app[revocations_key].reload,
     )
     hub.broker = broker
     broker.listen_also(presence.notify_channel, roster.on_notify, roster.on_reconnect)
@@ -66,6 +79,8 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
         beat_forever(hub, settings.realtime.sse_ping, SseConnection, SseConnection.ping),
         beat_forever(hub, settings.realtime.heartbeat, WebSocketConnection, WebSocketConnection.heartbeat),
         metrics.sync_forever(hub),
+        prune_revocations_forever(app[revocations_key], REVOCATION_PRUNE_INTERVAL),
+        app[issuers_key].refresh_forever(),
     ):
         await scheduler.spawn(job)
     if not await broker.wait_connected(deadline=10):
@@ -83,6 +98,25 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
 async def close_connections(app: web.Application) -> None:
     """on_shutdown: WebSockets get 1001, SSE streams end, so draining never waits on them."""
     app[hub_key].close_all(1001, "server shutting down")
+
+
+def close_revoked(hub: Hub, revocations: Revocations, identity_id: str, revoked_at: int, expires_at: int) -> None:
+    """A revocation from any process or instance: remember it, close what it covers (4403)."""
+    revocations.remember(identity_id, revoked_at, expires_at)
+    for conn in hub.connections_of(identity_id):
+        if revocations.refuses(conn.identity):
+            conn.close(4403, "revoked")
+
+
+async def prune_revocations_forever(revocations: Revocations, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            pruned = await revocations.prune()
+            if pruned:
+                log.info("pruned %d expired revocations", pruned)
+        except DATABASE_DOWN_ERRORS as exc:
+            log.warning("revocation pruning skipped: %s", type(exc).__name__)
 
 
 async def prune_forever(store: EventStore, interval: float) -> None:
