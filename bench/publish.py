@@ -8,7 +8,8 @@ runs on core 1. Herald stores every event in PostgreSQL (group-committed: concur
 publishes share one statement and one commit) before answering 201. For each server:
 
 - single-event REST publishes, `--concurrency` in flight, on 1 and on 16 channels;
-- batches of 100 events (`POST /api/events`, over 16 channels), 8 batches in flight;
+- batches of 100 events (`POST /api/events`, over 16 channels), 8 batches in flight
+  (these two from wrk: an aiohttp client here became the bottleneck with 32 in flight);
 - latency (p50/p99) of single publishes sent at a steady `--rate` events/s over 16
   channels, each measured from the moment it was due (so a stall is not hidden);
 - for Herald with one worker also: events published from SQL by an application
@@ -21,7 +22,9 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -74,26 +77,8 @@ def single_sender(session: aiohttp.ClientSession, server: Server, channels: int,
         async with session.post(url, data=body, headers=headers) as response:
             if response.status != 201:
                 raise BenchError(f"POST answered {response.status}: {(await response.text())[:200]}")
+            await response.read()  # an unread body would close the connection instead of reusing it
         return 1
-
-    return send
-
-
-def batch_sender(session: aiohttp.ClientSession, server: Server, prefix: str):
-    headers = {"Content-Type": "application/json", **server.auth_headers()}
-    body = orjson.dumps(
-        {
-            "events": [
-                {"channel": f"{prefix}-{i % BATCH_CHANNELS}", "type": "bench", "data": DATA} for i in range(BATCH_SIZE)
-            ]
-        }
-    )
-
-    async def send(_index: int) -> int:
-        async with session.post(server.url("/api/events"), data=body, headers=headers) as response:
-            if response.status != 201:
-                raise BenchError(f"POST /api/events answered {response.status}: {(await response.text())[:200]}")
-        return BATCH_SIZE
 
     return send
 
@@ -144,17 +129,58 @@ async def sql_publish_for(url: str, seconds: float, connections: int, channels: 
         await pool.close()
 
 
+WRK_SCRIPT = """
+local paths = {%(paths)s}
+local i = 0
+wrk.method = "POST"
+wrk.body = %(body)s
+wrk.headers["Content-Type"] = "application/json"
+%(auth)s
+request = function()
+  i = i + 1
+  return wrk.format(nil, paths[(i %% #paths) + 1])
+end
+"""
+
+
+def wrk_rate(server: Server, paths: list[str], body: bytes, connections: int, seconds: float, workdir: Path) -> float:
+    """Requests per second answered 2xx, from wrk on the load generator's core (a closed loop)."""
+    auth = f'wrk.headers["Authorization"] = "Bearer {server.token}"' if server.token else ""
+    script = workdir / "publish.lua"
+    script.write_text(
+        WRK_SCRIPT % {"paths": ", ".join(json.dumps(p) for p in paths), "body": json.dumps(body.decode()), "auth": auth}
+    )
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "-s", str(script), server.base_url]
+    result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=seconds + 60)
+    match = re.search(r"Requests/sec:\s+([\d.]+)", result.stdout)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", result.stdout)
+    if match is None:
+        raise BenchError(f"unexpected wrk output:\n{result.stdout}{result.stderr}")
+    if errors:
+        raise BenchError(f"{server.name}: {errors[1]} publishes were not 2xx:\n{result.stdout}")
+    return float(match[1])
+
+
 async def measure(session, server: Server, args: argparse.Namespace, results: dict, sql_url: str | None) -> None:
     def note(what: str, value: object) -> None:
         results[what] = value
         print(f"{server.name}, {what}: {value}", file=sys.stderr)
 
+    workdir = server.log_path.parent
+    single = orjson.dumps({"type": "bench", "data": DATA})
     for channels in CHANNEL_COUNTS:
-        send = single_sender(session, server, channels, f"bench-{channels}")
-        note(f"single_{channels}", round(await closed_loop(args.seconds, args.concurrency, send)))
-    note(
-        "batch_100", round(await closed_loop(args.seconds, BATCHES_IN_FLIGHT, batch_sender(session, server, "bench-b")))
+        paths = [f"/api/channels/bench-{channels}-{i}/events" for i in range(channels)]
+        rate = await asyncio.to_thread(wrk_rate, server, paths, single, args.concurrency, args.seconds, workdir)
+        note(f"single_{channels}", round(rate))
+    batch = orjson.dumps(
+        {
+            "events": [
+                {"channel": f"bench-b-{i % BATCH_CHANNELS}", "type": "bench", "data": DATA} for i in range(BATCH_SIZE)
+            ]
+        }
     )
+    rate = await asyncio.to_thread(wrk_rate, server, ["/api/events"], batch, BATCHES_IN_FLIGHT, args.seconds, workdir)
+    note("batch_100", round(rate * BATCH_SIZE))
     p50, p99 = await steady_latency(session, server, args.seconds, args.rate, "bench-steady")
     note("steady_p50_ms", round(p50, 2))
     note("steady_p99_ms", round(p99, 2))

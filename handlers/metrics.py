@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from handlers.http import identity_of
 from server.errors import Forbidden, Unauthorized
-from server.keys import metrics_key, metrics_token_key
+from server.keys import hub_key, metrics_key, metrics_token_key
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -17,5 +17,5 @@ async def metrics(request: web.Request) -> web.Response:
             raise Unauthorized("Metrics need an admin or the metrics token")
         if not identity.is_admin:
             raise Forbidden("Metrics need an admin or the metrics token")
-    body = request.app[metrics_key].render()
+    body = request.app[metrics_key].render(request.app.get(hub_key))
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

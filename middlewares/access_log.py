@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 from aiohttp import web
 
-from server.keys import access_log_key, metrics_key
+from server.ops.logs import AccessLog
+from server.ops.metrics import Metrics
 
 SECRET_PARAMS = frozenset({"access_token", "token"})
 
@@ -38,26 +37,25 @@ def response_bytes(response: web.StreamResponse | None) -> int:
     return response.content_length or 0
 
 
-@web.middleware
-async def access_log_middleware(request: web.Request, handler):
-    start = time.perf_counter()
-    response = None
-    try:
-        response = await handler(request)
-        return response
-    finally:
-        duration = time.perf_counter() - start
-        status = response.status if response is not None else 499
-        route = route_name(request)
-        request.app[metrics_key].observe_request(request.method, route, status, duration)
-        request.app[access_log_key].write(
-            {
-                "method": request.method,
-                "path": redacted_path(request),
-                "route": route,
-                "status": status,
-                "duration_ms": round(duration * 1000, 3),
-                "bytes": response_bytes(response),
-                "remote": request.remote,
-            }
-        )
+def record(
+    request: web.Request,
+    response: web.StreamResponse | None,
+    status: int,
+    duration: float,
+    metrics: Metrics,
+    access_log: AccessLog,
+) -> None:
+    """The request's metrics and its access line (the front door calls this once per request)."""
+    route = route_name(request)
+    metrics.observe_request(request.method, route, status, duration)
+    access_log.write(
+        {
+            "method": request.method,
+            "path": redacted_path(request),
+            "route": route,
+            "status": status,
+            "duration_ms": round(duration * 1000, 3),
+            "bytes": response_bytes(response),
+            "remote": request.remote,
+        }
+    )

@@ -7,6 +7,7 @@ upgrades must come from a trusted Origin (CSRF and cross-site WebSocket hijackin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 
@@ -38,8 +39,9 @@ COOKIE_IGNORED_PATHS = frozenset({"/api/auth/login"})
 
 
 def herald_session_middleware(settings: AuthSettings):
-    """aiohttp-session's middleware, entered only where a session can matter: a request
-    carrying the cookie, or login and logout. Everything else skips its work and frame."""
+    """The auth middleware, inside aiohttp-session's only where a session can matter: a
+    request carrying the cookie, or login and logout. Everything else skips the session's
+    work and frame (one middleware frame per request, not two)."""
     secret = settings.session_secret or load_or_create_secret(settings.secrets_dir, "session_secret")
     storage = EncryptedCookieStorage(
         hashlib.sha256(secret.encode()).digest(),
@@ -52,23 +54,32 @@ def herald_session_middleware(settings: AuthSettings):
 
     @web.middleware
     async def sessions_where_needed(request: web.Request, handler):
-        if SESSION_COOKIE in request.cookies or request.path in SESSION_PATHS:
-            return await with_session(request, handler)
-        return await handler(request)
+        if has_session_cookie(request) or request.path in SESSION_PATHS:
+            return await with_session(request, functools.partial(auth_middleware, handler=handler))
+        return await auth_middleware(request, handler)
 
     return sessions_where_needed
 
 
-@web.middleware
+def has_session_cookie(request: web.Request) -> bool:
+    """Without parsing the Cookie header (request.cookies does) when it cannot hold ours."""
+    header = request.headers.get("Cookie")
+    return header is not None and SESSION_COOKIE in header and SESSION_COOKIE in request.cookies
+
+
 async def auth_middleware(request: web.Request, handler):
+    """Who is calling, then their rate limit (PROTOCOL §8): the two always run together,
+    in this order (the bucket is the identity's), so they share one middleware frame."""
+    limited = is_limited(request)
     try:
-        request[identity_key] = await identify(request)
+        identity = request[identity_key] = await identify(request)
     except ApiError:
-        # A refused credential still costs its client IP a token: guessing is limited too
-        # (the limiter middleware runs after this one, keyed by the identity it resolves).
-        if is_limited(request):
+        # A refused credential still costs its client IP a token: guessing is limited too.
+        if limited:
             charge(request, None)
         raise
+    if limited:
+        charge(request, identity)
     return await handler(request)
 
 
@@ -91,7 +102,7 @@ async def identify(request: web.Request) -> Identity | None:
         return await identity_from_token(request.app, token.strip(), via="bearer")
     if request.path in QUERY_TOKEN_PATHS and "access_token" in request.query:
         return await identity_from_token(request.app, request.query["access_token"], via="query")
-    if SESSION_COOKIE in request.cookies and request.path not in COOKIE_IGNORED_PATHS:
+    if has_session_cookie(request) and request.path not in COOKIE_IGNORED_PATHS:
         identity = await identity_from_session(request)
         if identity is not None:
             check_origin(request)

@@ -56,24 +56,22 @@ def _detail_for_http_exception(request: web.Request, exc: web.HTTPException) -> 
     return exc.reason
 
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except ApiError as exc:
+def problem_for_exception(request: web.Request, exc: Exception) -> web.Response:
+    """The answer to an exception a handler raised (the front door calls this for every
+    request). aiohttp's redirects (HTTPException below 400) are not errors: raised again."""
+    if isinstance(exc, ApiError):
         return problem_response(
             request, exc.status, exc.detail or exc.title, code=exc.code, errors=exc.errors, headers=exc.headers
         )
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         kept = {name: exc.headers[name] for name in KEPT_HEADERS if name in exc.headers}
         return problem_response(request, exc.status, _detail_for_http_exception(request, exc), headers=kept)
-    except DATABASE_DOWN_ERRORS as exc:
+    if isinstance(exc, DATABASE_DOWN_ERRORS):
         log.warning("database unavailable: %s", type(exc).__name__)
         return problem_response(
             request, 503, "The database is unavailable; try again shortly", headers={"Retry-After": "1"}
         )
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return problem_response(request, 500, "An internal error occurred; the request id identifies it in the logs")
+    log.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
+    return problem_response(request, 500, "An internal error occurred; the request id identifies it in the logs")

@@ -1,11 +1,12 @@
-"""Token-bucket rate limits (PROTOCOL §8): per user, else per client IP; 429 before the handler."""
+"""Token-bucket rate limits (PROTOCOL §8): per user, else per client IP; 429 before the handler
+(charged by the auth middleware, right after it knows who is calling)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from server.identity.auth import Identity
-from server.keys import identity_key, limiter_key, ratelimit_key, settings_key
+from server.keys import limiter_key, ratelimit_key, settings_key
 from server.limits.limiter import bucket_key, refusal
 from server.web.net import client_ip
 
@@ -29,15 +30,9 @@ def charge(request: web.Request, identity: Identity | None) -> None:
             raise refusal(decision)
 
 
-@web.middleware
-async def limiter_middleware(request: web.Request, handler):
-    if is_limited(request):
-        charge(request, request[identity_key])  # type: ignore[arg-type]
-    return await handler(request)
-
-
-async def add_ratelimit_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: limited responses, streams and 429s included, show the bucket."""
+def add_ratelimit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Part of the front door's response-headers hook: limited responses, streams and
+    429s included, show the bucket."""
     decision = request.get(ratelimit_key)
     if decision is not None:
         response.headers["RateLimit-Limit"] = str(decision.limit)

@@ -5,7 +5,7 @@ Cookies set over TLS (direct, or per a trusted proxy) are marked Secure here too
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
@@ -23,7 +23,7 @@ STATIC_HEADERS = {
     "Server": "Herald",  # aiohttp would otherwise announce its version
 }
 
-Hook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
+Adder = Callable[[web.Request, web.StreamResponse], None]
 
 
 def mark_cookies_secure(headers) -> None:
@@ -35,11 +35,14 @@ def mark_cookies_secure(headers) -> None:
             headers.add("Set-Cookie", cookie if "; Secure" in cookie else f"{cookie}; Secure")
 
 
-def security_headers(trusted_proxies: Sequence[str]) -> Hook:
-    async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+def security_headers(trusted_proxies: Sequence[str]) -> Adder:
+    """Part of the front door's response-headers hook."""
+
+    def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
         headers = response.headers
         headers.update(STATIC_HEADERS)
-        is_page = (response.content_type or "").startswith("text/html")
+        # The raw header, not response.content_type, which parses it on every call.
+        is_page = headers.get("Content-Type", "").startswith("text/html")
         headers.setdefault("Content-Security-Policy", PAGE_CSP if is_page else API_CSP)
         if is_tls(request, trusted_proxies):
             headers["Strict-Transport-Security"] = "max-age=63072000; includeSubDomains"

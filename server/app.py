@@ -9,12 +9,8 @@ import aiohttp_cors
 from aiohttp import web
 
 from handlers import auth, batch, channels, events, health, metrics, openapi, revocations, sse, static, users, ws
-from middlewares.access_log import access_log_middleware
-from middlewares.auth import auth_middleware, herald_session_middleware
-from middlewares.errors import errors_middleware
-from middlewares.limiter import add_ratelimit_headers, limiter_middleware
-from middlewares.request_id import request_id_middleware, set_request_id_header
-from middlewares.security import security_headers
+from middlewares.auth import herald_session_middleware
+from middlewares.front_door import front_door, response_headers
 from server.identity.auth import TokenService
 from server.identity.identify import Authenticator
 from server.identity.issuers import Issuers
@@ -53,24 +49,21 @@ def create_app(
 ) -> web.Application:
     """One worker's app. `limiter` is the supervisor's, shared by all workers; tests get
     their own, and may catch the access lines in `access_log`."""
+    metrics = Metrics(settings.metrics.sync_interval)
+    access_log = access_log or AccessLog()
     app = web.Application(
         client_max_size=settings.limits.body_bytes,
-        middlewares=[
-            request_id_middleware,
-            access_log_middleware,
-            errors_middleware,
-            herald_session_middleware(settings.auth),
-            auth_middleware,
-            limiter_middleware,
-        ],
+        # Request id, error answers, access line and metrics share the front door's frame;
+        # sessions (where one can matter), identity and rate limit share the auth frame.
+        middlewares=[front_door(metrics, access_log), herald_session_middleware(settings.auth)],
     )
     app[settings_key] = settings
     app[tokens_key] = TokenService(settings.auth)
     app[issuers_key] = Issuers(settings.auth.issuers)
     app[rules_key] = compile_rules(settings.channels, id_prefixes=(i.id_prefix for i in settings.auth.issuers))
     app[limiter_key] = limiter or RateLimiter()
-    app[metrics_key] = Metrics()
-    app[access_log_key] = access_log or AccessLog()
+    app[metrics_key] = metrics
+    app[access_log_key] = access_log
     app[static_key] = build_static(Path(settings.server.static_dir), Path(settings.server.static_build_dir))
 
     app.cleanup_ctx.append(db.pool_ctx)
@@ -78,9 +71,8 @@ def create_app(
     app.cleanup_ctx.append(realtime_ctx)
     app.on_shutdown.append(close_connections)
 
-    app.on_response_prepare.append(set_request_id_header)
-    app.on_response_prepare.append(security_headers(settings.server.trusted_proxies))
-    app.on_response_prepare.append(add_ratelimit_headers)
+    app.on_response_prepare.append(response_headers(settings.server.trusted_proxies))
+    app.on_cleanup.append(flush_access_log)
 
     add_routes(app)
     enable_cors(app, settings)
@@ -99,6 +91,11 @@ async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await app[issuers_key].close()
+
+
+async def flush_access_log(app: web.Application) -> None:
+    """The lines of the worker's last loop turn (they are written once per turn)."""
+    app[access_log_key].flush()
 
 
 def add_routes(app: web.Application) -> None:

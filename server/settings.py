@@ -149,6 +149,7 @@ class RealtimeSettings:
 @dataclass(frozen=True, slots=True)
 class MetricsSettings:
     token: str = ""
+    sync_interval: float = 0.25  # seconds between folds of the hub's delivery counters into the metrics
 
 
 @dataclass(frozen=True, slots=True)

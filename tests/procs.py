@@ -78,7 +78,7 @@ class Herald:
         limits: dict[str, Any] | None = None,
         extra_settings: str = "",
         rules: str = CHANNEL_RULES,
-        environment: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> Herald:
         directory.mkdir(parents=True, exist_ok=True)
         settings = write_settings(directory / f"{name}.toml", limits, extra_settings, rules)
@@ -91,7 +91,7 @@ class Herald:
             HERALD_AUTH_SECRETS_DIR=str(secrets_dir or directory / "secrets"),
             HERALD_SERVER_SHUTDOWN_TIMEOUT="5",
             HERALD_REALTIME_SSE_PING="0.5",
-            **(environment or {}),
+            **(env or {}),
         )
         log_path = directory / f"{name}.stderr.log"
         command = [sys.executable, "run.py", "serve", "--settings", str(settings)]

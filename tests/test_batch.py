@@ -348,7 +348,7 @@ async def test_a_database_outage_in_the_middle_of_a_coalesced_batch_answers_ever
                    WHERE wait_event_type = 'Lock' AND query LIKE '%publish_batch%' AND pid <> pg_backend_pid()"""
             )
 
-        backend = await wait_for(waiting_backend)
+        backend = await wait_for(waiting_backend, timeout=30)
         await locker.execute("SELECT pg_terminate_backend($1)", backend)
         statuses = [await t for t in singles]
         assert statuses == [503] * 4

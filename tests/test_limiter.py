@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
+import threading
 from unittest import mock
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from server.limits.limiter import PROBES, RateLimiter
+from server.limits.limiter import LOCK_STRIPES, PROBES, Decision, RateLimiter, RobustLocks
 from server.web.net import client_ip, is_tls
 from tests.helpers import PASSWORD, add_user, bearer, login, token_for
 
@@ -390,3 +393,25 @@ async def test_refused_credentials_cost_a_token_on_limited_paths_only(make_clien
     guessing = await client.get("/api/me", headers=bad)
     assert guessing.status == 429
     assert int(guessing.headers["Retry-After"]) >= 1
+
+
+def test_bucket_locks_are_robust_mutexes_not_system_calls():
+    assert isinstance(RateLimiter().locks, RobustLocks)  # on Linux with glibc, as Herald ships
+
+
+def test_a_process_killed_holding_a_bucket_lock_blocks_nobody():
+    limiter = RateLimiter()
+    key = "user:dies-holding-the-lock"
+    stripe = (limiter.key_hash(key) % limiter.blocks) % LOCK_STRIPES
+    pid = os.fork()
+    if pid == 0:  # a worker killed inside take(), after it took the lock
+        limiter.locks.acquire(stripe)
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    answered: list[Decision] = []
+    taker = threading.Thread(target=lambda: answered.append(limiter.take(key, 1.0, 5)), daemon=True)
+    taker.start()
+    taker.join(timeout=10)
+    assert answered, "take() still waits for the lock of a dead process"
+    assert answered[0].allowed
+    assert limiter.take(key, 1.0, 5).remaining == 3  # and the lock works as a lock afterwards

@@ -467,6 +467,75 @@ async def test_metrics_add_up_over_the_workers(launch):
     assert len(served_by) == 2, served_by  # so the sum really is over both
 
 
+async def scrape(herald: Herald, token: str) -> str:
+    async with fresh_connections() as session, session.get(herald.url("/metrics"), headers=bearer(token)) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.text()
+
+
+async def publish_one(session: aiohttp.ClientSession, herald: Herald, token: str, n: int) -> None:
+    url = herald.url(f"/api/channels/{CHANNEL}/events")
+    async with session.post(url, json={"data": n}, headers=bearer(token)) as resp:
+        assert resp.status == 201, await resp.text()
+
+
+async def replaced(herald: Herald, old: set[int]) -> None:
+    """Every worker in `old` is gone and as many fresh ones answer /readyz."""
+    await wait_for(lambda: not (herald.worker_pids() & old), timeout=60)
+    await herald.wait_ready(timeout=60)
+
+
+async def test_a_retiring_workers_last_deliveries_count_after_sighup(launch):
+    # Deliveries are folded into the metrics every sync_interval; an hour means only the
+    # fold a worker does on its way out can count them: the one SIGHUP used to drop.
+    herald = await launch(workers=1, env={"HERALD_METRICS_SYNC_INTERVAL": "3600"})
+    tokens = await make_users(herald.base)
+    count = 5
+    async with aiohttp.ClientSession() as session, session.ws_connect(herald.url("/ws")) as ws:
+        assert (await ws.receive_json(timeout=10))["op"] == "welcome"
+        await ws.send_json({"op": "subscribe", "id": 1, "channel": CHANNEL})
+        assert (await ws.receive_json(timeout=10))["op"] == "ok"
+        for n in range(count):
+            await publish_one(session, herald, tokens.publisher, n)
+        received = [await ws.receive_json(timeout=10) for _ in range(count)]
+        assert [m["data"] for m in received] == list(range(count))
+    old = herald.worker_pids()
+
+    herald.signal(signal.SIGHUP)
+    await replaced(herald, old)
+
+    text = await scrape(herald, tokens.admin)
+    assert sample_sum(text, "herald_events_delivered_total", transport="ws") == count, text
+    assert sample_sum(text, "herald_events_published_total") == count, text
+    published = sample_sum(text, "herald_http_requests_total", route="/api/channels/{channel}/events", status="201")
+    assert published == count, text
+
+
+async def test_a_killed_workers_counts_stay_and_its_gauges_go(launch):
+    herald = await launch(workers=2)
+    tokens = await make_users(herald.base)
+    requests = 30
+    async with fresh_connections() as session:
+        for _ in range(requests):
+            async with session.get(herald.url("/healthz")) as resp:
+                assert resp.status == 200
+    async with aiohttp.ClientSession() as session, session.ws_connect(herald.url("/ws")) as ws:
+        assert (await ws.receive_json(timeout=10))["op"] == "welcome"
+
+        async def one_open_websocket() -> bool:
+            return sample_sum(await scrape(herald, tokens.admin), "herald_connections", transport="ws") == 1
+
+        await wait_for(one_open_websocket, timeout=30)
+        old = herald.worker_pids()
+        for pid in old:
+            os.kill(pid, signal.SIGKILL)  # no exit path runs: only what is already in the store counts
+        await replaced(herald, old)
+
+    text = await scrape(herald, tokens.admin)
+    assert sample_sum(text, "herald_http_requests_total", route="/healthz", status="200") == requests, text
+    assert sample_sum(text, "herald_connections", transport="ws") == 0, text  # the dead worker's gauge is gone
+
+
 # --- two instances on one database -----------------------------------------------------
 
 
@@ -518,9 +587,7 @@ async def ws_on_worker(session, herald: Herald, token: str, channel: str, wanted
 
 
 async def test_presence_spans_the_workers_and_a_killed_worker_takes_its_entries_within_30s(launch):
-    herald = await launch(
-        workers=2, rules=PRESENCE_RULES + CHANNEL_RULES, environment={"HERALD_REALTIME_PRESENCE_GRACE": "0"}
-    )
+    herald = await launch(workers=2, rules=PRESENCE_RULES + CHANNEL_RULES, env={"HERALD_REALTIME_PRESENCE_GRACE": "0"})
     tokens = await make_users(herald.base)  # two users: root (admin) and pub
     channel = "room:kill"
     async with fresh_connections(total=None) as session:

@@ -257,6 +257,9 @@ async def test_a_trigger_whose_channel_is_invalid_fails_the_statement(client, sh
         "SELECT herald.store_event('public:x', 't', '1')",
         "SELECT * FROM herald.publish_batch('{0}', '{public:x}', '{t}', '{1}', '{NULL}', '{NULL}', 1000, false)",
         "SELECT herald.check_event('public:x', 't')",
+        "SELECT * FROM herald.store_events('{public:x}', '{t}', '{1}')",
+        "SELECT * FROM herald.publish_request('s', 'k', '\\x00', '{public:x}', '{t}', '{1}', 1000)",
+        "SELECT * FROM herald.request_keys",
     ],
 )
 async def test_the_publisher_role_cannot_touch_heralds_tables_or_other_functions(shop, sql):
@@ -350,6 +353,28 @@ async def test_a_rest_publish_behind_an_open_sql_transaction_gives_up_after_publ
         await tx.commit()
     assert [e["data"] for e in await history(client, "public:held")] == ["sql"]
     assert (await publish(client, token, "public:held", "later"))["offset"] == 2
+
+
+async def test_batch_publishes_behind_an_open_sql_transaction_give_up_and_store_nothing(make_client, shop):
+    client = await make_client({"database": {"publish_wait": 0.3}})
+    token = await token_for(client, "pub", ("publisher",))
+    body = {"events": [{"channel": "public:other", "data": 1}, {"channel": "public:held", "data": 2}]}
+    async with shop.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        assert await sql_publish(conn, "public:held", "t", "sql") == 1
+        for headers in ({}, {"Idempotency-Key": "k"}):  # the group-committed and the keyed path
+            resp = await client.post("/api/events", json=body, headers=bearer(token) | headers)
+            assert resp.status == 503, await resp.text()
+        resp = await client.post(
+            "/api/broadcast", json={"channels": ["public:other", "public:held"]}, headers=bearer(token)
+        )
+        assert resp.status == 503
+        await tx.commit()
+    assert await history(client, "public:other") == []
+    assert [e["data"] for e in await history(client, "public:held")] == ["sql"]
+    resp = await client.post("/api/events", json=body, headers=bearer(token) | {"Idempotency-Key": "k"})
+    assert resp.status == 201  # the refused attempt left no key behind
 
 
 # ------------------------------------------------------------ the schema and its migration

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import sys
@@ -54,13 +55,18 @@ class AccessLog:
     """One JSON line per request, in the same shape as every other log line.
 
     Written straight to the stream: the logging module's per-record machinery costs
-    about 13 µs a line (measured), a large share of a small request; this costs about 2.
+    about 13 µs a line (measured), a large share of a small request. And written once
+    per event-loop turn, not once per request: every line of the requests answered in
+    one turn goes out in one write, so 32 requests in flight cost one system call, not
+    32. A line waits at most until the loop's next turn (a worker killed by SIGKILL can
+    lose that turn's lines; an exiting worker flushes them).
     """
 
     def __init__(self, stream: BinaryIO | None = None) -> None:
         self.stream = stream if stream is not None else sys.stderr.buffer
         self._second = -1
         self._prefix = ""
+        self._pending: list[bytes] = []
 
     def timestamp(self) -> str:
         now = time.time()
@@ -78,5 +84,17 @@ class AccessLog:
         if request_id:
             entry["request_id"] = request_id
         entry.update(fields)
-        self.stream.write(orjson.dumps(entry) + b"\n")
-        self.stream.flush()
+        pending = self._pending
+        pending.append(orjson.dumps(entry))
+        if len(pending) == 1:  # the first line of this turn: flush when the loop comes round
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop (a script, a test): at once
+                self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            lines, self._pending = self._pending, []
+            lines.append(b"")
+            self.stream.write(b"\n".join(lines))
+            self.stream.flush()
