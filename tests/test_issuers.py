@@ -6,6 +6,7 @@ test controls (what it answers, and whether it answers at all).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -19,7 +20,7 @@ from typing import Any
 import jwt
 import orjson
 import pytest
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -29,7 +30,15 @@ from server.identity.identify import Authenticator
 from server.identity.issuers import Issuers
 from server.identity.revocations import Revocations
 from server.identity.users import UserStore
-from server.keys import issuers_key, pool_key, revocations_key, tokens_key, users_key
+from server.keys import (
+    authenticator_key,
+    broker_key,
+    issuers_key,
+    pool_key,
+    revocations_key,
+    tokens_key,
+    users_key,
+)
 from server.settings import AuthSettings, IssuerSettings, SettingsError
 from tests.conftest import wait_for
 from tests.helpers import SseClient, WsClient, add_user, bearer, publish, token_for
@@ -624,3 +633,33 @@ async def test_a_revocation_lasts_as_long_as_the_longest_token_any_verifier_acce
     assert (await bed.client.post("/api/revocations", json={"id": "hs256:u1"}, headers=admin)).status == 204
     row = await bed.client.app[pool_key].fetchrow("SELECT revoked_at, expires_at FROM revocations")
     assert row["expires_at"] - row["revoked_at"] == 86400  # max_token_ttl's default, over token_ttl (3600)
+
+
+async def test_a_connection_verified_just_before_a_revocation_and_attached_after_it_is_closed(bed):
+    """The race on purpose: the token passes the front door, then the revocation is recorded
+    and announced (every open connection of that identity handled) before the stream attaches."""
+    app = bed.client.app
+    announced = asyncio.Event()
+    broker, front_door = app[broker_key], app[authenticator_key]
+    on_user_change, identity_for = broker.on_user_change, front_door.identity_for
+
+    async def spy(payload: str) -> None:
+        await on_user_change(payload)
+        if payload.startswith("revoked "):
+            announced.set()
+
+    async def verified_then_revoked(token: str, via: str):
+        identity = await identity_for(token, via)
+        if via == "query":
+            announced.clear()
+            await app[revocations_key].revoke(identity.id)
+            await asyncio.wait_for(announced.wait(), 10)
+        return identity
+
+    broker.on_user_change, front_door.identity_for = spy, verified_then_revoked
+    ws = await bed.client.ws_connect(f"/ws?access_token={bed.token('HS256')}")
+    message = await ws.receive(timeout=10)
+    assert (message.type, message.data) == (WSMsgType.CLOSE, 4403)
+    sse = await bed.client.get(f"/sse?channel=news&access_token={bed.token('HS256', sub='u2')}")
+    assert sse.status == 200
+    await asyncio.wait_for(sse.content.read(), 10)  # the stream ends at once

@@ -102,6 +102,10 @@ class TokenService:
         }
         return jwt.encode(claims, self._signing_key, algorithm=self.algorithm)
 
+    def seen(self, token: str) -> bool:
+        """Verified before (and cached): the front door need not read its iss to route it."""
+        return token in self._verified
+
     def verify(self, token: str) -> dict[str, Any]:
         """The token's claims. A token seen before skips the signature check (it cannot
         change) but not the clock: exp and nbf are checked again on every use."""

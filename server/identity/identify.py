@@ -47,7 +47,9 @@ class Authenticator:
             if issuer.generation == generation and identity.expires is not None and identity.expires > time.time():
                 return identity if identity.via == via else _with_via(identity, via)
             del self._verified[token]
-        issuer = self.issuers.get(_unverified_issuer(token)) if self.issuers.by_iss else None
+        if not self.issuers.by_iss or self.tokens.seen(token):
+            return await self._herald_identity(token, via)
+        issuer = self.issuers.get(_unverified_issuer(token))
         if issuer is None:
             return await self._herald_identity(token, via)
         generation = issuer.generation

@@ -69,6 +69,7 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     hub.broker = broker
     broker.listen_also(presence.notify_channel, roster.on_notify, roster.on_reconnect)
+    hub.revoked = app[revocations_key].refuses
     scheduler = aiojobs.Scheduler(close_timeout=2)
     for job in (
         broker.listen(),

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,6 +26,7 @@ from server.realtime.wire import EncodedEvent, EncodedNotice
 
 if TYPE_CHECKING:
     from server.events.broker import Broker
+    from server.identity.auth import Identity
     from server.realtime.connections import Connection
     from server.realtime.presence import Presence
 
@@ -67,6 +68,9 @@ class Hub:
         self.counts_changed = asyncio.Event()
         self.delivered: Counter[str] = Counter()  # per transport kind
         self.slow_closes = 0
+        # Set by the engine: is this identity revoked? A connection verified just before a
+        # revocation, and attached just after it was announced, is closed here instead.
+        self.revoked: Callable[[Identity], bool] | None = None
 
     # connections
 
@@ -75,6 +79,8 @@ class Hub:
         """A connection's lifetime in the hub: whatever ends it, its subscriptions, timers
         and tasks go with it (and shutdown can find it meanwhile)."""
         self.connections[conn] = None
+        if conn.identity is not None and self.revoked is not None and self.revoked(conn.identity):
+            conn.close(4403, "revoked")
         try:
             yield conn
         finally:
