@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -99,6 +100,16 @@ async def steady_latency(session: aiohttp.ClientSession, server: Server, seconds
     await asyncio.gather(*(one(n) for n in range(count)))
     latencies.sort()
     return statistics.median(latencies), latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+
+
+def served_latencies(server: Server, path_prefix: str) -> list[float]:
+    """Herald's own view of those publishes (its access log's duration_ms), sorted: no client in it."""
+    found = []
+    for line in server.log_path.read_text(errors="replace").splitlines():
+        if '"logger":"herald.access"' in line and path_prefix in line:
+            with contextlib.suppress(ValueError, KeyError):
+                found.append(float(json.loads(line)["duration_ms"]))
+    return sorted(found)
 
 
 def database_url(workdir: Path) -> str:
@@ -184,6 +195,10 @@ async def measure(session, server: Server, args: argparse.Namespace, results: di
     p50, p99 = await steady_latency(session, server, args.seconds, args.rate, "bench-steady")
     note("steady_p50_ms", round(p50, 2))
     note("steady_p99_ms", round(p99, 2))
+    served = served_latencies(server, "/api/channels/bench-steady-")
+    if served:
+        note("steady_served_p50_ms", round(statistics.median(served), 2))
+        note("steady_served_p99_ms", round(served[min(len(served) - 1, int(len(served) * 0.99))], 2))
     if sql_url is not None:
         for channels in CHANNEL_COUNTS:
             note(f"sql_{channels}", round(await sql_publish_for(sql_url, args.seconds, args.concurrency, channels)))
@@ -231,6 +246,11 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
         print(f"{label:<34} {naive[key]:>9,} {one:>10,} {one / naive[key]:>6.2f}x {two:>10,} {two / naive[key]:>6.2f}x")
     for key, label in (("steady_p50_ms", "p50 ms at a steady rate"), ("steady_p99_ms", "p99 ms at a steady rate")):
         print(f"{label:<34} {naive[key]:>9} {results['herald-1'][key]:>10} {'':>7} {results['herald-2'][key]:>10}")
+    served = [
+        results[name].get(f"steady_served_{q}_ms", "") for name in ("herald-1", "herald-2") for q in ("p50", "p99")
+    ]
+    print(f"{'p50 / p99 ms as Herald served them':<34} {'':>9} {served[0]:>5} / {served[1]:<5}", end="")
+    print(f" {'':>6} {served[2]:>5} / {served[3]}")
     for channels in CHANNEL_COUNTS:
         sql, rest = results["herald-1"][f"sql_{channels}"], results["herald-1"][f"single_{channels}"]
         print(f"{f'SQL in app transactions, {channels} ch':<34} {'':>9} {sql:>10,} {sql / rest:>6.2f}x of REST")
