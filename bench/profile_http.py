@@ -42,6 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run (5)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
     parser.add_argument("--top", type=int, default=30, help="rows per table (30)")
+    parser.add_argument(
+        "--no-chain",
+        action="store_true",
+        help="without Herald's middlewares and response hook: what routing, handler and aiohttp cost alone",
+    )
+    parser.add_argument("--front-door-only", action="store_true", help="--no-chain, but keep the front door")
     parser.add_argument("--serve", type=int, metavar="PORT", help="only serve until SIGTERM (bench.instructions)")
     return parser.parse_args(argv)
 
@@ -61,6 +67,9 @@ def wrk(url: str, token: str | None, duration: int, connections: int) -> int:
 
 async def serve(args: argparse.Namespace, settings, sock) -> None:
     app = create_app(settings)
+    if args.no_chain or args.front_door_only:  # experiments, never a server: no auth, no headers
+        app._middlewares = type(app._middlewares)(app._middlewares[:1] if args.front_door_only else [])
+        app.on_response_prepare.clear()
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     await web.SockSite(runner, sock).start()
