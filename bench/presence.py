@@ -56,6 +56,7 @@ bcrypt_rounds = 4
 
 [limits]
 rate = 0
+connections_per_ip = 100000  # every subscriber comes from 127.0.0.1
 
 [realtime]
 presence_grace = {grace}
