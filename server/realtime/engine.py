@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiojobs
 from aiohttp import web
@@ -75,11 +75,11 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
         broker.process(),
         presence.report_forever(),
         roster.run(),
-        prune_forever(store, settings.events.prune_interval),
+        prune_forever("events", store.prune, settings.events.prune_interval),
         beat_forever(hub, settings.realtime.sse_ping, SseConnection, SseConnection.ping),
         beat_forever(hub, settings.realtime.heartbeat, WebSocketConnection, WebSocketConnection.heartbeat),
         metrics.sync_forever(hub),
-        prune_revocations_forever(app[revocations_key], REVOCATION_PRUNE_INTERVAL),
+        prune_forever("expired revocations", app[revocations_key].prune, REVOCATION_PRUNE_INTERVAL),
         app[issuers_key].refresh_forever(),
     ):
         await scheduler.spawn(job)
@@ -108,26 +108,16 @@ def close_revoked(hub: Hub, revocations: Revocations, identity_id: str, revoked_
             conn.close(4403, "revoked")
 
 
-async def prune_revocations_forever(revocations: Revocations, interval: float) -> None:
+async def prune_forever(what: str, prune: Callable[[], Awaitable[int]], interval: float) -> None:
+    """Every `interval`, drop what has expired (events, revocations); a database outage skips a pass."""
     while True:
         await asyncio.sleep(interval)
         try:
-            pruned = await revocations.prune()
+            pruned = await prune()
             if pruned:
-                log.info("pruned %d expired revocations", pruned)
+                log.info("pruned %d %s", pruned, what)
         except DATABASE_DOWN_ERRORS as exc:
-            log.warning("revocation pruning skipped: %s", type(exc).__name__)
-
-
-async def prune_forever(store: EventStore, interval: float) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            pruned = await store.prune()
-            if pruned:
-                log.info("pruned %d events", pruned)
-        except DATABASE_DOWN_ERRORS as exc:
-            log.warning("pruning skipped: %s", type(exc).__name__)
+            log.warning("pruning %s skipped: %s", what, type(exc).__name__)
 
 
 async def beat_forever(hub: Hub, interval: float, kind: type[Connection], beat: Callable[[Connection], None]) -> None:

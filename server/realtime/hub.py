@@ -73,7 +73,6 @@ class Hub:
         self.presence: Presence | None = None
         self.channels: dict[str, dict[Connection, Subscription]] = {}
         self.connections: dict[Connection, None] = {}
-        self.counts_changed = asyncio.Event()
         self.delivered: Counter[str] = Counter()  # per transport kind
         self.slow_closes = 0
         # Tests only: awaited inside subscribe(), after registering and before reading where the
@@ -122,7 +121,6 @@ class Hub:
         first = channel not in self.channels
         self.channels.setdefault(channel, {})[conn] = sub
         conn.subscriptions[channel] = sub
-        self.counts_changed.set()
         if self.presence is not None:
             if first:
                 self.presence.served(channel)
@@ -196,7 +194,6 @@ class Hub:
                 self.broker.release(channel)
             if self.presence is not None:
                 self.presence.released(channel)
-        self.counts_changed.set()
 
     def counts(self) -> dict[str, int]:
         return {channel: len(subs) for channel, subs in self.channels.items()}
