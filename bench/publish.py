@@ -130,7 +130,7 @@ def database_url(workdir: Path) -> str:
     return info.get_uri(database="herald")
 
 
-SQL_STORED = "SELECT coalesce(sum(last_offset), 0) FROM herald.channels WHERE name = ANY ($1::text[])"
+SQL_STORED = "SELECT coalesce(sum(last_offset), 0)::bigint FROM herald.channels WHERE name = ANY ($1::text[])"
 
 
 async def sql_publish_for(url: str, seconds: float, connections: int, channels: int) -> float:
