@@ -9,7 +9,7 @@ publishes share one statement and one commit) before answering 201. For each ser
 
 - single-event REST publishes, `--concurrency` in flight, on 1 and on 16 channels;
 - batches of 100 events (`POST /api/events`, over 16 channels), 8 batches in flight
-  (these two from wrk: an aiohttp client here became the bottleneck with 32 in flight);
+  (these two from wrk, which drives 2-3x the load an aiohttp client here does);
 - latency (p50/p99) of single publishes sent at a steady `--rate` events/s over 16
   channels, each measured from the moment it was due (so a stall is not hidden);
 - for Herald with one worker also: events published from SQL by an application
