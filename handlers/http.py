@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from server.errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized, UnsupportedMediaType, ValidationError
+from server.errors import (
+    BadRequest,
+    Forbidden,
+    PayloadTooLarge,
+    RateLimited,
+    Unauthorized,
+    UnsupportedMediaType,
+    ValidationError,
+)
 from server.identity.auth import Identity
-from server.keys import identity_key
+from server.keys import identity_key, limiter_key, refusals_log_key, settings_key
+from server.limits.connections import Lease, Refused, open_connection
+from server.web.net import client_ip
 
 INTEGER = re.compile(r"-?[0-9]{1,19}")
+CONNECTION_RETRY_AFTER = 5  # seconds: a connection cap frees up when one of the caller's own closes
 
 
 def _refuse_constant(name: str) -> None:
@@ -55,6 +68,21 @@ async def read_json_object(request: web.Request, max_size: int | None = None) ->
     return value
 
 
+async def expect_continue(request: web.Request) -> None:
+    """Expect: 100-continue: say Continue only to a body that may be sent (RFC 9110 §10.1.1).
+
+    An oversized Content-Length gets no 100: the handler answers 413 at once, without the
+    client ever sending the body. Other expectations are ignored (RFC 9110 allows that),
+    so no plain-text 417 escapes the problem-document path.
+    """
+    if request.version < (1, 1) or request.headers.get("Expect", "").lower() != "100-continue":
+        return
+    if request.content_length is not None and request.content_length > request.client_max_size:
+        return
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the 100 is not the response: headers can still be sent
+
+
 def query_int(request: web.Request, name: str, default: int | None, low: int, high: int) -> int | None:
     """An integer query parameter within [low, high]; 422 naming it otherwise."""
     raw = request.query.get(name)
@@ -91,3 +119,33 @@ def page_params(request: web.Request) -> tuple[int | None, int]:
     limit = query_int(request, "limit", 100, 1, 1000)
     after = query_int(request, "after", None, 0, 2**62)
     return after, limit  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def realtime_slot(request: web.Request, identity: Identity | None) -> Iterator[Lease]:
+    """A WebSocket's or SSE stream's place under the per-address and per-identity caps, held
+    while it is open; 429 before the upgrade when a cap is full (PROTOCOL §8's Retry-After)."""
+    app = request.app
+    settings = app[settings_key]
+    ip = client_ip(request, settings.server.trusted_proxies)
+    limits = settings.limits
+    counts = app[limiter_key].connections
+    lease = open_connection(
+        counts, ip, identity.id if identity else None, limits.connections_per_ip, limits.connections_per_identity
+    )
+    if isinstance(lease, Refused):
+        app[refusals_log_key].warning(
+            f"connection cap per {lease.what}",
+            "refused a connection: too many open",
+            cap=lease.cap,
+            per=lease.what,
+            remote=ip,
+        )
+        raise RateLimited(
+            f"Too many open connections for this {lease.what} (at most {lease.cap}); close one first",
+            headers={"Retry-After": str(CONNECTION_RETRY_AFTER)},
+        )
+    try:
+        yield lease
+    finally:
+        lease.release()

@@ -7,8 +7,9 @@ import contextlib
 import orjson
 from aiohttp import web
 
-from handlers.http import identity_of
+from handlers.http import identity_of, realtime_slot
 from server.errors import ValidationError
+from server.identity.auth import Identity
 from server.identity.permissions import check_permission
 from server.keys import hub_key, rules_key, settings_key
 from server.realtime.connections import SseConnection
@@ -35,7 +36,13 @@ async def sse(request: web.Request) -> web.StreamResponse:
     for channel in channels:
         check_permission(identity, "subscribe", channel, request.app[rules_key])
     cursor = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    with realtime_slot(request, identity):  # 429 before the stream starts when a cap is full
+        return await stream(request, identity, channels, cursor)
 
+
+async def stream(
+    request: web.Request, identity: Identity | None, channels: tuple[str, ...], cursor: str | None
+) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )

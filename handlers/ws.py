@@ -8,11 +8,12 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
-from handlers.http import decode_json, identity_of
-from server.errors import ApiError, BadRequest, Conflict, Forbidden, ValidationError
+from handlers.http import decode_json, identity_of, realtime_slot
+from server.errors import ApiError, BadRequest, Conflict, Forbidden, RateLimited, ValidationError
 from server.events.store import validate_event
 from server.identity.permissions import check_permission
 from server.keys import authenticator_key, hub_key, limiter_key, rules_key, settings_key, store_key
+from server.limits.connections import Lease
 from server.limits.limiter import bucket_key, refusal
 from server.realtime.connections import WebSocketConnection
 from server.storage.db import DATABASE_DOWN_ERRORS
@@ -29,6 +30,11 @@ def frame(message: dict[str, Any]) -> bytes:
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
+    with realtime_slot(request, identity_of(request)) as lease:  # 429 before the upgrade when a cap is full
+        return await serve_websocket(request, lease)
+
+
+async def serve_websocket(request: web.Request, lease: Lease) -> web.WebSocketResponse:
     settings = request.app[settings_key].realtime
     # Pings come from the hub's one heartbeat loop (server/realtime/engine.py), not a timer per
     # socket: cheaper, and the pong gets the whole heartbeat that PROTOCOL §10 allows.
@@ -40,7 +46,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     hub = request.app[hub_key]
     with hub.attached(WebSocketConnection(hub, identity_of(request), ws, request.transport)) as conn:
-        session = Session(request, conn)
+        session = Session(request, conn, lease)
         await conn.send_json(
             frame(
                 {
@@ -66,9 +72,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 class Session:
     """One connection's ops. Errors become `error` replies; the connection stays open."""
 
-    def __init__(self, request: web.Request, conn: WebSocketConnection) -> None:
+    def __init__(self, request: web.Request, conn: WebSocketConnection, lease: Lease) -> None:
         self.app = request.app
         self.conn = conn
+        self.lease = lease  # the connection's place under the connection caps
         self.ip = client_ip(request, self.app[settings_key].server.trusted_proxies)
         self.refused_in_a_row = 0
 
@@ -103,6 +110,9 @@ class Session:
         identity = await self.app[authenticator_key].identity_for(token, via="ws")
         if self.conn.identity is not None and self.conn.identity.id != identity.id:
             raise Forbidden("A connection cannot change its user")
+        cap = self.app[settings_key].limits.connections_per_identity
+        if not self.lease.add_identity(identity.id, cap):
+            raise RateLimited(f"Too many open connections for this identity (at most {cap}); close one first")
         self.conn.set_identity(identity)
         await self.reply(message_id, user=identity.public())
 
@@ -114,6 +124,10 @@ class Session:
             raise ValidationError.field("offset", "must be a non-negative integer")
         if channel in self.conn.subscriptions:
             raise Conflict(f"Already subscribed to {channel}")
+        cap = self.app[settings_key].limits.channels_per_connection
+        if len(self.conn.subscriptions) >= cap:
+            raise ValidationError.field("channel", f"at most {cap} channels per connection; unsubscribe one first")
+        self.check_rate("Too many subscribes")
         hub = self.app[hub_key]
         sub, resume = await hub.subscribe(self.conn, channel, after)
         await self.reply(message_id, channel=channel, offset=resume.offset, recovered=resume.recovered)
@@ -134,8 +148,8 @@ class Session:
         self.app[hub_key].unsubscribe(self.conn, channel)
         await self.reply(message_id, channel=channel)
 
-    def check_rate(self) -> None:
-        """WebSocket publishes draw on the same bucket as the caller's REST requests."""
+    def check_rate(self, what: str = "Too many publishes") -> None:
+        """WebSocket publishes and subscribes draw on the same bucket as the caller's REST requests."""
         limits = self.app[settings_key].limits
         decision = self.app[limiter_key].take_request(limits, bucket_key(self.conn.identity, self.ip))
         if decision is None or decision.allowed:
@@ -144,7 +158,7 @@ class Session:
         self.refused_in_a_row += 1
         if self.refused_in_a_row > MAX_REFUSED_IN_A_ROW:
             self.conn.close(4429, "rate limited")
-        raise refusal(decision, "Too many publishes")
+        raise refusal(decision, what)
 
     async def op_publish(self, message: dict[str, Any], message_id: Any) -> None:
         channel = message.get("channel")

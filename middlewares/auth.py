@@ -16,6 +16,7 @@ from aiohttp_session import get_session, session_middleware
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 
 from middlewares.limiter import charge, is_limited
+from middlewares.reserve import check_reserve
 from server.errors import ApiError, Forbidden, Unauthorized
 from server.identity.auth import Identity
 from server.identity.secrets import load_or_create_secret
@@ -78,6 +79,7 @@ async def auth_middleware(request: web.Request, handler):
         if limited:
             charge(request, None)
         raise
+    check_reserve(request, identity)
     if limited:
         charge(request, identity)
     return await handler(request)
@@ -120,12 +122,17 @@ async def identity_from_session(request: web.Request) -> Identity | None:
     session_id = session.get("sid")
     if not isinstance(session_id, str):
         return None
-    user_id = await request.app[sessions_key].user_id(session_id)
-    user = await request.app[users_key].active_user(str(user_id)) if user_id is not None else None
-    if user is None:
+    live = await request.app[sessions_key].lookup(session_id)
+    user = await request.app[users_key].active_user(str(live[0])) if live is not None else None
+    if live is None or user is None:
         session.invalidate()
         return None
-    return Identity(str(user.id), user.username, frozenset(user.roles), via="cookie")
+    # The session's end is the identity's expiry: a WebSocket or stream opened with this
+    # cookie closes then (4401), as one opened with a token does when the token expires.
+    expires = live[1].timestamp()
+    return Identity(
+        str(user.id), user.username, frozenset(user.roles), via="cookie", expires=expires, session=session_id
+    )
 
 
 def own_origin(request: web.Request) -> str:

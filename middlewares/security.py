@@ -9,19 +9,8 @@ from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
+from server.web.headers import API_CSP, PAGE_CSP, SECURITY_HEADERS
 from server.web.net import is_tls
-
-PAGE_CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-)
-API_CSP = "default-src 'none'; frame-ancestors 'none'"
-STATIC_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-    "Server": "Herald",  # aiohttp would otherwise announce its version
-}
 
 Adder = Callable[[web.Request, web.StreamResponse], None]
 
@@ -40,7 +29,7 @@ def security_headers(trusted_proxies: Sequence[str]) -> Adder:
 
     def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
         headers = response.headers
-        headers.update(STATIC_HEADERS)
+        headers.update(SECURITY_HEADERS)
         # The raw header, not response.content_type, which parses it on every call.
         is_page = headers.get("Content-Type", "").startswith("text/html")
         headers.setdefault("Content-Security-Policy", PAGE_CSP if is_page else API_CSP)

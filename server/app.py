@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import aiohttp_cors
 from aiohttp import web
 
 from handlers import auth, batch, channels, events, health, metrics, openapi, revocations, sse, static, users, ws
+from handlers.http import expect_continue
 from middlewares.auth import herald_session_middleware
 from middlewares.front_door import front_door, response_headers
 from server.identity.auth import TokenService
@@ -25,6 +27,7 @@ from server.keys import (
     limiter_key,
     metrics_key,
     pool_key,
+    refusals_log_key,
     revocations_key,
     rules_key,
     sessions_key,
@@ -36,6 +39,7 @@ from server.keys import (
 from server.limits.limiter import RateLimiter
 from server.ops.logs import AccessLog
 from server.ops.metrics import Metrics
+from server.ops.throttle import ThrottledLog
 from server.realtime.engine import close_connections, realtime_ctx
 from server.settings import Settings
 from server.storage import db
@@ -64,6 +68,7 @@ def create_app(
     app[limiter_key] = limiter or RateLimiter()
     app[metrics_key] = metrics
     app[access_log_key] = access_log
+    app[refusals_log_key] = ThrottledLog(logging.getLogger("herald.limits"))
     app[static_key] = build_static(Path(settings.server.static_dir), Path(settings.server.static_build_dir))
 
     app.cleanup_ctx.append(db.pool_ctx)
@@ -83,7 +88,9 @@ async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[settings_key]
     revoked = app[revocations_key] = Revocations(app[pool_key], revocation_lifetime(settings.auth))
     await revoked.reload()
-    app[users_key] = UserStore(app[pool_key], settings.auth.bcrypt_rounds, revocations=revoked)
+    app[users_key] = UserStore(
+        app[pool_key], settings.auth.bcrypt_rounds, revocations=revoked, bcrypt_queue=settings.auth.bcrypt_queue
+    )
     app[sessions_key] = SessionStore(app[pool_key], settings.auth.session_ttl)
     app[authenticator_key] = Authenticator(app[tokens_key], app[users_key], app[issuers_key], revoked)
     await app[issuers_key].start()
@@ -100,19 +107,16 @@ async def flush_access_log(app: web.Application) -> None:
 
 def add_routes(app: web.Application) -> None:
     router = app.router
+    add_body_routes(router)
     router.add_get("/healthz", health.healthz)
     router.add_get("/readyz", health.readyz)
     router.add_get("/metrics", metrics.metrics)
-    router.add_post("/api/auth/login", auth.login)
     router.add_post("/api/auth/logout", auth.logout)
     router.add_get("/api/me", auth.me)
-    router.add_post("/api/users", users.create_user)
     router.add_get("/api/users", users.list_users)
-    router.add_patch("/api/users/{id}", users.update_user)
     router.add_delete("/api/users/{id}", users.delete_user)
     router.add_post("/api/revocations", revocations.revoke)
     router.add_get("/api/channels", channels.list_channels)
-    router.add_post("/api/channels/{channel}/events", events.publish)
     router.add_get("/api/channels/{channel}/events", events.history)
     router.add_post("/api/events", batch.publish_events)
     router.add_post("/api/broadcast", batch.broadcast)
@@ -121,6 +125,14 @@ def add_routes(app: web.Application) -> None:
     router.add_get("/sse", sse.sse)
     router.add_get("/", static.index)
     router.add_get("/static/{name}", static.asset)
+
+
+def add_body_routes(router: web.UrlDispatcher) -> None:
+    """Routes that read a body: an oversized one with Expect: 100-continue gets 413, not 100."""
+    router.add_post("/api/auth/login", auth.login, expect_handler=expect_continue)
+    router.add_post("/api/users", users.create_user, expect_handler=expect_continue)
+    router.add_patch("/api/users/{id}", users.update_user, expect_handler=expect_continue)
+    router.add_post("/api/channels/{channel}/events", events.publish, expect_handler=expect_continue)
 
 
 def enable_cors(app: web.Application, settings: Settings) -> None:

@@ -61,6 +61,10 @@ class ServerSettings:
     trusted_proxies: tuple[str, ...] = ()
     static_dir: str = "static"
     static_build_dir: str = "var/static"
+    keepalive_timeout: float = 15.0
+    header_timeout: float = 10.0
+    max_connections: int = 0
+    reserved_connections: int = 32
 
     @property
     def worker_count(self) -> int:
@@ -106,6 +110,7 @@ class AuthSettings:
     jwt_audience: str = "herald"
     token_ttl: int = 3600
     bcrypt_rounds: int = 12
+    bcrypt_queue: int = 16
     session_secret: str = ""
     session_ttl: int = 86400
     secrets_dir: str = "var"
@@ -124,6 +129,10 @@ class LimitsSettings:
     rate: float = 50.0
     burst: int = 100
     login_rate: int = 5
+    login_ip_rate: int = 20
+    connections_per_ip: int = 256
+    connections_per_identity: int = 64
+    channels_per_connection: int = 128
     batch_events: int = 1000  # events of one POST /api/events, channels of one POST /api/broadcast
     batch_body_bytes: int = 1048576  # body limit of those two endpoints (instead of body_bytes)
 
@@ -133,6 +142,7 @@ class EventsSettings:
     history_size: int = 10000
     history_ttl: int = 86400
     prune_interval: float = 30.0
+    page_bytes: int = 1048576
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +153,7 @@ class RealtimeSettings:
     max_frame_bytes: int = 65536
     outbound_buffer: int = 1048576
     compression: bool = False
+    max_replays: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +193,7 @@ SECTIONS: dict[str, type] = {
 }
 
 # Numeric keys that may be zero; every other number must be positive.
-ZERO_ALLOWED = {"limits.rate", "cors.max_age"}
+ZERO_ALLOWED = {"limits.rate", "cors.max_age", "server.max_connections"}
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:

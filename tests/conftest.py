@@ -127,7 +127,7 @@ def make_settings(database_url: str, tmp_path) -> Callable[..., Settings]:
         "auth": {"bcrypt_rounds": 4, "secrets_dir": str(tmp_path / "secrets")},
         "events": {"prune_interval": 1},
         # Generous limits: tests of the limits themselves set their own.
-        "limits": {"rate": 100000, "burst": 100000, "login_rate": 100000},
+        "limits": {"rate": 100000, "burst": 100000, "login_rate": 100000, "login_ip_rate": 100000},
         "channels": TEST_CHANNEL_RULES,
     }
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ADMIN, ADMIN_PASSWORD = "root", "admin password 1"
 PUBLISHER, PUBLISHER_PASSWORD = "pub", "publisher password 1"
 CHANNEL_RULES = '[[channels]]\npattern = "*"\nsubscribe = ["anonymous"]\npublish = ["publisher"]\n'
-GENEROUS_LIMITS = {"rate": 100000, "burst": 100000, "login_rate": 100000}
+GENEROUS_LIMITS = {"rate": 100000, "burst": 100000, "login_rate": 100000, "login_ip_rate": 100000}
 STOPPED_TIMEOUT = 10.0
 
 

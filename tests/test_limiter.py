@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
+from server.keys import users_key
 from server.limits.limiter import LOCK_STRIPES, PROBES, Decision, RateLimiter, RobustLocks
 from server.web.net import client_ip, is_tls
 from tests.helpers import PASSWORD, add_user, bearer, login, token_for
@@ -353,8 +354,8 @@ async def test_rate_zero_turns_limiting_off(make_client):
 # Login's own buckets.
 
 
-async def test_login_limited_per_ip(make_client):
-    client = await make_client({"limits": {"login_rate": 3}})
+async def test_login_failures_limited_per_ip(make_client):
+    client = await make_client({"limits": {"login_rate": 3, "login_ip_rate": 3}})
     await add_user(client, "alice")
     for username in ("bob", "carol", "dave"):
         assert (await login(client, username, "wrong password")).status == 401
@@ -363,22 +364,38 @@ async def test_login_limited_per_ip(make_client):
     assert int(resp.headers["Retry-After"]) == 20  # 3 per minute: one every 20 s
 
 
-async def test_login_limited_per_username_across_addresses(make_client):
-    client = await make_client(behind_proxy({"limits": {"login_rate": 3}}))
+async def attempt_from(client, username: str, password: str, address: str):
+    return await client.post("/api/auth/login", json={"username": username, "password": password}, headers=xff(address))
+
+
+async def test_failures_from_other_addresses_never_lock_an_account_out(make_client):
+    """The per-username bucket was spent by anyone's failures: one try every 12 s kept admin out."""
+    client = await make_client(behind_proxy({"limits": {"login_rate": 3, "login_ip_rate": 100}}))
+    await add_user(client, "alice")
+    for i in range(10):
+        for _ in range(2):
+            assert (await attempt_from(client, "alice", "wrong password", f"10.0.0.{i}")).status == 401
+    assert (await attempt_from(client, "ALICE", "wrong password", "10.0.0.1")).status == 401  # names fold case
+    await assert_rate_limited(await attempt_from(client, "alice", PASSWORD, "10.0.0.1"))  # this pair is spent
+    assert (await attempt_from(client, "alice", PASSWORD, "10.0.1.1")).status == 200  # no failures here
+    assert (await attempt_from(client, "bob", "wrong password", "10.0.0.1")).status == 401  # other username, same IP
+
+
+async def test_failures_per_username_and_address_below_the_address_limit(make_client):
+    client = await make_client(behind_proxy({"limits": {"login_rate": 2, "login_ip_rate": 10}}))
     await add_user(client, "alice")
     await add_user(client, "bob")
+    for _ in range(2):
+        assert (await attempt_from(client, "alice", "wrong password", "10.0.0.1")).status == 401
+    await assert_rate_limited(await attempt_from(client, "alice", PASSWORD, "10.0.0.1"))
+    assert (await attempt_from(client, "bob", PASSWORD, "10.0.0.1")).status == 200
 
-    async def attempt(username: str, password: str, address: str):
-        return await client.post(
-            "/api/auth/login", json={"username": username, "password": password}, headers=xff(address)
-        )
 
-    for username, address in (("alice", "10.0.0.1"), ("ALICE", "10.0.0.2"), ("alice", "10.0.0.3")):
-        assert (await attempt(username, "wrong password", address)).status == 401  # usernames fold case
-    await assert_rate_limited(await attempt("alice", PASSWORD, "10.0.0.4"))  # a fresh address, same username
-    # Other usernames, from other addresses or from one alice used once, are independent.
-    assert (await attempt("bob", PASSWORD, "10.0.0.5")).status == 200
-    assert (await attempt("bob", PASSWORD, "10.0.0.1")).status == 200
+async def test_a_right_password_costs_no_login_attempt(make_client):
+    client = await make_client({"limits": {"login_rate": 3, "login_ip_rate": 3}})
+    await add_user(client, "alice")
+    for _ in range(8):
+        assert (await login(client, "alice", PASSWORD)).status == 200
 
 
 async def test_refused_credentials_cost_a_token_on_limited_paths_only(make_client):
@@ -415,3 +432,18 @@ def test_a_process_killed_holding_a_bucket_lock_blocks_nobody():
     assert answered, "take() still waits for the lock of a dead process"
     assert answered[0].allowed
     assert limiter.take(key, 1.0, 5).remaining == 3  # and the lock works as a lock afterwards
+
+
+# The bcrypt queue (issue 11).
+
+
+async def test_a_full_bcrypt_queue_answers_503_with_retry_after_at_once(make_client):
+    client = await make_client({"auth": {"bcrypt_queue": 2}})
+    await add_user(client, "alice")
+    hashing = client.app[users_key].hashing
+    async with hashing.slot(), hashing.slot():  # two password checks in flight: the queue is full
+        resp = await login(client, "alice", PASSWORD)
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+        assert (await resp.json())["code"] == "unavailable"
+    assert (await login(client, "alice", PASSWORD)).status == 200

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from server.errors import Forbidden, Unauthorized, ValidationError
@@ -13,6 +15,7 @@ from server.identity.permissions import (
     compile_rules,
     is_valid_channel,
     may,
+    owner_channel_warnings,
 )
 from server.settings import ChannelRule, SettingsError
 from tests.conftest import TEST_CHANNEL_RULES
@@ -370,3 +373,32 @@ def test_a_grant_holds_even_where_the_first_matching_rule_denies():
 def test_a_malformed_channels_claim_is_refused(claim):
     with pytest.raises(ValueError, match=r"must be|patterns"):
         compile_grants(claim, "app:7")
+
+
+# owner channels and their sub-channels (issue 11)
+
+
+def test_a_broader_later_rule_catching_owner_sub_channels_is_warned_about():
+    compiled = rules(("user:{sub}", ["owner"], ["owner"]), ("*", ["authenticated"], []))
+    [warning] = owner_channel_warnings(compiled)
+    assert "'user:42:inbox'" in warning
+    assert "channels[1]" in warning
+    assert "'user:{sub}:*'" in warning
+
+
+def test_owner_sub_channels_written_explicitly_raise_no_warning():
+    compiled = rules(
+        ("user:{sub}", ["owner"], ["owner"]), ("user:{sub}:*", ["owner"], []), ("*", ["authenticated"], [])
+    )
+    assert owner_channel_warnings(compiled) == []
+    assert may(who(id="4"), "subscribe", "user:4:inbox", compiled)
+    assert not may(who(id="5"), "subscribe", "user:4:inbox", compiled)
+
+
+def test_the_shipped_settings_keep_a_users_sub_channels_private():
+    from server.settings import load_settings
+
+    shipped = compile_rules(load_settings(Path(__file__).parents[1] / "settings.toml", {}).channels)
+    assert owner_channel_warnings(shipped) == []
+    assert may(who(id="4"), "subscribe", "user:4:inbox", shipped)
+    assert not may(who(id="5"), "subscribe", "user:4:inbox", shipped)

@@ -20,6 +20,7 @@ NOTIFY_LIMIT = 7900  # bytes; PostgreSQL refuses payloads of 8000 and more (stor
 EVENT_TYPE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 PRUNE_LOCK = 0x4845_5241_4C45  # one pruner at a time across processes
+SUBSCRIBERS_FRESH = 15  # seconds: a process's subscriber counts older than this are a dead process's
 
 
 def events_channel(schema: str) -> str:
@@ -51,6 +52,19 @@ def notification_head(payload: str) -> tuple[str, int, bool]:
 
 
 SELECT_EVENTS_SQL = f"""SELECT e."offset", {EVENT_JSON_SQL} AS json FROM events e"""
+
+# A stretch of history bounded by count and by bytes: the window reads only the sizes of
+# at most $3 rows; the bodies are read for the events that fit in $4 bytes (the first
+# one always, so a page never comes back empty while events remain).
+HISTORY_CHUNK_SQL = f"""
+SELECT e."offset", {EVENT_JSON_SQL} AS json, w.n FROM (
+    SELECT "offset", sum(size) OVER (ORDER BY "offset") - size AS before, count(*) OVER () AS n
+    FROM (SELECT "offset", octet_length(data) AS size FROM events
+          WHERE channel = $1 AND "offset" > $2 ORDER BY "offset" LIMIT $3) AS page
+) AS w JOIN events e ON e.channel = $1 AND e."offset" = w."offset"
+WHERE w.before < $4
+ORDER BY e."offset"
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +186,16 @@ class EventStore:
         )
         return [StoredEvent(channel, r["offset"], r["json"]) for r in rows]
 
+    async def history_chunk(
+        self, channel: str, after: int, limit: int, max_bytes: int
+    ) -> tuple[list[StoredEvent], bool]:
+        """At most `limit` events after `after` whose data fits in max_bytes (at least one),
+        and whether the channel had nothing more at the time (no further chunk needed)."""
+        rows = await self.pool.fetch(HISTORY_CHUNK_SQL, channel, after, limit, max_bytes)
+        events = [StoredEvent(channel, r["offset"], r["json"]) for r in rows]
+        ended = not rows or (rows[0]["n"] < limit and len(rows) == rows[0]["n"])
+        return events, ended
+
     async def event(self, channel: str, offset: int) -> StoredEvent | None:
         async with self.pool.acquire() as conn:
             return await self._event(conn, channel, offset)
@@ -197,16 +221,81 @@ class EventStore:
         )
         return [(r["name"], r["last_offset"]) for r in rows]
 
+    async def _prune_channels(self, conn: asyncpg.Connection, touched: list[str]) -> int:
+        """Mark the channels that just lost their last event, unmark those that have events
+        again, and drop those empty for a whole history TTL that nobody follows.
+
+        Only the pruner writes emptied_at; a publish never needs to. The DELETE compares
+        last_offset with what it read: a publish racing it bumps the offset under the row
+        lock, the re-check fails, and the row (with its counter) stays.
+        """
+        await conn.execute(
+            """UPDATE channels c SET emptied_at = now()
+               WHERE c.name = any($1::text[]) AND c.emptied_at IS NULL
+                 AND NOT EXISTS (SELECT 1 FROM events e WHERE e.channel = c.name)""",
+            touched,
+        )
+        await conn.execute(
+            """UPDATE channels c SET emptied_at = NULL
+               WHERE c.emptied_at IS NOT NULL AND EXISTS (SELECT 1 FROM events e WHERE e.channel = c.name)"""
+        )
+        deleted = await conn.execute(
+            """DELETE FROM channels c USING (
+                   SELECT name, last_offset FROM channels d
+                   WHERE d.emptied_at < now() - make_interval(secs => $1)
+                     AND NOT EXISTS (SELECT 1 FROM events e WHERE e.channel = d.name)
+                     AND NOT EXISTS (SELECT 1 FROM idempotency_keys k WHERE k.channel = d.name)
+                     AND NOT EXISTS (SELECT 1 FROM subscriber_counts s
+                                     WHERE s.channel = d.name AND s.count > 0
+                                       AND s.updated_at > now() - make_interval(secs => $2))
+                   LIMIT 10000
+               ) AS old
+               WHERE c.name = old.name AND c.last_offset = old.last_offset""",
+            float(self.settings.history_ttl),
+            float(SUBSCRIBERS_FRESH),
+        )
+        return int(deleted.split()[-1])
+
+    async def channels_page(
+        self, after: str, limit: int, allowed_sql: str, params: list, scan: int
+    ) -> tuple[list[tuple[str, int]], str | None]:
+        """Channels after `after` with events that `allowed_sql` admits, at most `limit`,
+        looking at no more than `scan` rows: the list costs the same however many channels
+        exist. Returns them and where to go on (None when the scan reached the end)."""
+        rows = await self.pool.fetch(
+            f"""WITH scanned AS MATERIALIZED (
+                    SELECT name, last_offset FROM channels WHERE name > $1 AND last_offset > 0 ORDER BY name LIMIT $2
+                ), allowed AS (
+                    SELECT name, last_offset FROM scanned WHERE {allowed_sql} ORDER BY name LIMIT $3
+                )
+                SELECT name, last_offset, false AS summary FROM allowed
+                UNION ALL SELECT max(name), count(*), true FROM scanned
+                ORDER BY summary, name""",
+            after,
+            scan,
+            limit,
+            *params,
+        )
+        *found, summary = rows
+        items = [(r["name"], r["last_offset"]) for r in found]
+        if len(items) == limit:
+            return items, items[-1][0]
+        return items, summary["name"] if summary["last_offset"] == scan else None
+
     async def prune(self) -> int:
         """Drop events past the count and age limits, and expired idempotency keys."""
         async with self.pool.acquire() as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", PRUNE_LOCK):
                 return 0
             try:
-                by_age = await conn.execute(
-                    "DELETE FROM events WHERE time < now() - make_interval(secs => $1)",
+                emptied = await conn.fetch(
+                    """WITH gone AS (
+                           DELETE FROM events WHERE time < now() - make_interval(secs => $1) RETURNING channel
+                       ) SELECT channel, count(*) AS n FROM gone GROUP BY channel""",
                     float(self.settings.history_ttl),
                 )
+                by_age = f"DELETE {sum(r['n'] for r in emptied)}"
+                await self._prune_channels(conn, [r["channel"] for r in emptied])
                 by_count = await conn.execute(
                     """DELETE FROM events e USING channels c
                        WHERE e.channel = c.name AND e."offset" <= c.last_offset - $1""",

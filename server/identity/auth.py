@@ -24,9 +24,10 @@ VERIFIED_CACHE_SIZE = 10_000
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who is calling. `via` says which credential proved it; `expires` is the token's exp,
-    `issued_at` its iat (what a revocation compares), `grants` an application token's
-    `channels` claim (PROTOCOL §13)."""
+    """Who is calling. `via` says which credential proved it; `expires` is the token's exp
+    (or the session's end), `issued_at` its iat (what a revocation compares), `grants` an
+    application token's `channels` claim (PROTOCOL §13). `session` is the browser session
+    behind a cookie identity: a connection opened with it ends when that session does."""
 
     id: str
     username: str
@@ -35,6 +36,7 @@ class Identity:
     expires: float | None = None
     issued_at: float | None = None
     grants: Grants | None = None
+    session: str | None = None
 
     @property
     def is_admin(self) -> bool:

@@ -144,3 +144,102 @@ def check_permission(identity: Identity | None, action: Action, channel: str, ru
     if identity is None:
         raise Unauthorized(f"Credentials are needed to {action} on {channel}")
     raise Forbidden(f"You may not {action} on {channel}")
+
+
+def owner_channel_warnings(rules: tuple[CompiledRule, ...]) -> list[str]:
+    """Owner rules whose channels' children a later, broader rule catches.
+
+    `user:{sub}` matches `user:42` only: `user:42:inbox` falls through to the next rule
+    that matches, often a broad one. Herald does not widen owner patterns by itself (a
+    rule means what it says); it warns at start-up so the deployment writes
+    `user:{sub}:*` explicitly, as the shipped settings.toml does.
+    """
+    warnings = []
+    for index, rule in enumerate(rules):
+        if "owner" not in rule.subscribe | rule.publish or "[" in rule.pattern:
+            continue
+        own = rule.pattern.replace(SUB_PLACEHOLDER, "42").replace("*", "x").replace("?", "x")
+        child = f"{own}:inbox"
+        found = channel_rule_for(rules, child)
+        if found is None or found[0] is rule or "owner" in found[0].subscribe | found[0].publish:
+            continue
+        later = rules.index(found[0])
+        warnings.append(
+            f"channels[{later}] ({found[0].pattern!r}) decides who may use {child!r}, a sub-channel of the "
+            f"owner channel {own!r} of channels[{index}] ({rule.pattern!r}); add a rule "
+            f"{rule.pattern + ':*'!r} with owner before it if sub-channels should be private too"
+        )
+    return warnings
+
+
+# The same rules as SQL, for lists that filter in the database (GET /api/channels).
+
+
+def pattern_to_sql_regex(pattern: str, sub: str | None = None, id_prefixes: Iterable[str] = ()) -> str:
+    """A rule pattern as an anchored PostgreSQL regular expression (ARE).
+
+    `*` any run, `?` one character, `[...]` / `[!...]` a set, `{sub}` one id segment
+    (`[^:]+`, optionally behind an issuer's id prefix, as sub_regex), or exactly `sub`
+    when given; everything else literal.
+    """
+    prefixes = "|".join(_are_text(p) for p in sorted(id_prefixes, key=len, reverse=True))
+    any_sub = f"(?:{prefixes})?[^:]+" if prefixes else "[^:]+"
+    out, i = ["^"], 0
+    while i < len(pattern):
+        if pattern.startswith(SUB_PLACEHOLDER, i):
+            out.append(any_sub if sub is None else _are_text(sub))
+            i += len(SUB_PLACEHOLDER)
+            continue
+        c = pattern[i]
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[" and (end := pattern.find("]", i + 2 if pattern[i + 1 : i + 2] in ("!", "]") else i + 1)) != -1:
+            body = pattern[i + 1 : end]
+            negate = body.startswith("!")
+            body = body[1:] if negate else body
+            out.append("[" + ("^" if negate else "") + body.replace("\\", "\\\\") + "]")
+            i = end
+        else:
+            out.append(_are_literal(c))
+        i += 1
+    return "".join(out) + "$"
+
+
+def _are_literal(c: str) -> str:
+    return c if c.isalnum() else "\\" + c
+
+
+def _are_text(text: str) -> str:
+    return "".join(_are_literal(c) for c in text)
+
+
+def subscribable_sql(
+    identity: Identity, rules: Iterable[CompiledRule], first_param: int, id_prefixes: Iterable[str] = ()
+) -> tuple[str, list]:
+    """A boolean SQL expression over `name`: may `identity` subscribe (first match wins,
+    default deny), with its parameters numbered from first_param. Mirrors may(), except a
+    token's grants (§13), which stay Python regexes: for such an identity it admits
+    everything and the caller filters with may()."""
+    if identity.is_admin or identity.grants is not None:
+        return "true", []
+    id_prefixes = tuple(id_prefixes)
+    cases, params = [], []
+
+    def param(value) -> str:
+        params.append(value)
+        return f"${first_param + len(params) - 1}"
+
+    for rule in rules:
+        allowed = rule.subscribe
+        if "anonymous" in allowed or "authenticated" in allowed or not allowed.isdisjoint(identity.roles):
+            verdict = "true"
+        elif "owner" in allowed and SUB_PLACEHOLDER in rule.pattern:
+            verdict = f"name ~ {param(pattern_to_sql_regex(rule.pattern, identity.id))}"
+        else:
+            verdict = "false"
+        cases.append(f"WHEN name ~ {param(pattern_to_sql_regex(rule.pattern, id_prefixes=id_prefixes))} THEN {verdict}")
+    if not cases:
+        return "false", []
+    return f"CASE {' '.join(cases)} ELSE false END", params

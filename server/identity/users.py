@@ -12,6 +12,7 @@ import asyncpg
 
 from server.errors import Conflict, ValidationError
 from server.identity.auth import check_password, hash_password, password_problem
+from server.limits.hashing import HashingQueue
 
 if TYPE_CHECKING:
     from server.identity.revocations import Revocations
@@ -70,17 +71,24 @@ def validate_new_user(username: Any, password: Any, roles: Any) -> tuple[str, st
 
 class UserStore:
     def __init__(
-        self, pool: asyncpg.Pool, bcrypt_rounds: int, cache_ttl: float = 5.0, revocations: Revocations | None = None
+        self,
+        pool: asyncpg.Pool,
+        bcrypt_rounds: int,
+        cache_ttl: float = 5.0,
+        revocations: Revocations | None = None,
+        bcrypt_queue: int = 64,
     ) -> None:
         self.pool = pool
         self.revocations = revocations  # a disable revokes the user's tokens, so re-enabling revives none
         self.bcrypt_rounds = bcrypt_rounds
+        self.hashing = HashingQueue(bcrypt_queue)  # 503 at once past this many hashes in flight
         self.cache_ttl = cache_ttl
         self._cache: dict[str, tuple[User | None, float]] = {}
         self._dummy_hash: str | None = None
 
     async def create(self, username: str, password: str, roles: tuple[str, ...]) -> User:
-        password_hash = await hash_password(password, self.bcrypt_rounds)
+        async with self.hashing.slot():
+            password_hash = await hash_password(password, self.bcrypt_rounds)
         try:
             row = await self.pool.fetchrow(
                 f"INSERT INTO users (username, password_hash, roles) VALUES ($1, $2, $3) RETURNING {USER_COLUMNS}",
@@ -118,6 +126,9 @@ class UserStore:
                 disabled,
                 list(roles) if roles is not None else None,
             )
+            if row is not None and disabled:
+                # A disable ends the user's browser sessions for good: re-enabling revives none.
+                await conn.execute("DELETE FROM sessions WHERE user_id = $1", user_id)
             if row is not None:
                 await conn.execute("SELECT pg_notify($1, $2)", USER_CHANGES_CHANNEL, str(user_id))
                 if disabled and self.revocations is not None:
@@ -130,8 +141,9 @@ class UserStore:
         row = await self.pool.fetchrow(
             f"SELECT {USER_COLUMNS}, password_hash FROM users WHERE lower(username) = lower($1)", username
         )
-        stored = row["password_hash"] if row else await self._hash_for_unknown_users()
-        matches = await check_password(password, stored)
+        async with self.hashing.slot():
+            stored = row["password_hash"] if row else await self._hash_for_unknown_users()
+            matches = await check_password(password, stored)
         if row is None or not matches or row["disabled"]:
             return None
         return User.from_row(row)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 from server.errors import RateLimited
 from server.identity.auth import Identity
+from server.limits.connections import LOCK_STRIPES as CONNECTION_LOCK_STRIPES
+from server.limits.connections import ConnectionCounts
 from server.settings import LimitsSettings
 
 SLOT = struct.Struct("=qdd")  # key hash, tokens, last refill (monotonic seconds)
@@ -127,6 +129,8 @@ class RateLimiter:
             return int.from_bytes(digest, "little", signed=True) or 1
 
         self.key_hash = key_hash
+        # Open WebSocket/SSE connections per address and identity, shared the same way.
+        self.connections = ConnectionCounts(stripe_locks(CONNECTION_LOCK_STRIPES))
 
     def take(self, key: str, rate: float, burst: int, now: float | None = None) -> Decision:
         """Take one token from key's bucket (refilling at rate tokens/s, holding at most burst)."""
@@ -151,6 +155,20 @@ class RateLimiter:
         finally:
             self.locks.release(stripe)
         return decision(allowed, tokens, rate, burst)
+
+    def refund(self, key: str, burst: int) -> None:
+        """Give back the token a take() drew (login refunds it when the password was right)."""
+        h = self.key_hash(key)
+        block = h % self.blocks
+        stripe = block % LOCK_STRIPES
+        self.locks.acquire(stripe)
+        try:
+            offset, found = self._slot(h, block)
+            if found:
+                _, tokens, last = SLOT.unpack_from(self._memory, offset)
+                SLOT.pack_into(self._memory, offset, h, min(float(burst), tokens + 1.0), last)
+        finally:
+            self.locks.release(stripe)
 
     def take_request(self, limits: LimitsSettings, key: str) -> Decision | None:
         """One request's (or WebSocket publish's) token; None when limiting is off (rate = 0)."""

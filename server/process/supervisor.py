@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from server.errors import Conflict
+from server.identity.permissions import compile_rules, owner_channel_warnings
 from server.identity.secrets import load_or_create_secret
 from server.identity.users import UserStore, validate_new_user
 from server.limits.limiter import RateLimiter
@@ -114,6 +115,8 @@ def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> i
             description,
             extra={"url": url, "workers": count, "database": description},
         )
+        for warning in owner_channel_warnings(compile_rules(settings.channels)):
+            log.warning(warning)
         enable_multiprocess(tmp)
         fixed = settings
 
@@ -213,6 +216,7 @@ class Supervisor:
                 continue
             os.close(worker.ready_fd)
             forget_process(pid)
+            self.limiter.connections.forget_process(pid)
             if worker.retiring:
                 continue
             lived = time.monotonic() - worker.started

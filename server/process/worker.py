@@ -14,6 +14,7 @@ from aiohttp import web
 from server.app import create_app
 from server.limits.limiter import RateLimiter
 from server.settings import Settings
+from server.web.protocol import HeraldRunner
 
 log = logging.getLogger("herald.worker")
 
@@ -31,7 +32,7 @@ async def serve_app(
     app: web.Application, sock: socket.socket, shutdown_timeout: float, on_ready: Callable[[], object] = lambda: None
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain: stop accepting, on_shutdown, finish in-flight."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
+    runner = HeraldRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -14,6 +14,7 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from aiohttp import WSMsgType, web
 
 from server.events.store import StoredEvent
@@ -92,6 +93,10 @@ class Connection:
     def close_slow(self) -> None:
         self.close(4008, "slow consumer")
 
+    def subscription_forbidden(self, channel: str) -> None:
+        """The identity may no longer follow `channel` (the hub already dropped it)."""
+        raise NotImplementedError
+
 
 class WebSocketConnection(Connection):
     kind = "ws"
@@ -132,6 +137,17 @@ class WebSocketConnection(Connection):
             return
         self.closed = True
         self.spawn(self._close(code, reason))
+
+    def subscription_forbidden(self, channel: str) -> None:
+        """An `error` naming the channel; the connection and its other subscriptions stay."""
+        message = {
+            "op": "error",
+            "id": None,
+            "code": "forbidden",
+            "channel": channel,
+            "message": f"You may no longer subscribe to {channel}; the subscription ended",
+        }
+        self.spawn(self.send_json(orjson.dumps(message)))
 
     async def _close(self, code: int, reason: str) -> None:
         try:
@@ -206,3 +222,7 @@ class SseConnection(Connection):
         self.close(4008, "slow consumer")
         with contextlib.suppress(Exception):
             self.transport.abort()
+
+    def subscription_forbidden(self, channel: str) -> None:
+        """A stream's channels are fixed: one it may no longer follow ends the stream."""
+        self.close(4403, f"forbidden: {channel}")

@@ -20,6 +20,8 @@ from server.keys import (
     pool_key,
     presence_key,
     revocations_key,
+    rules_key,
+    sessions_key,
     settings_key,
     store_key,
     users_key,
@@ -27,6 +29,7 @@ from server.keys import (
 from server.realtime.connections import Connection, SseConnection, WebSocketConnection
 from server.realtime.hub import Hub
 from server.realtime.presence import Presence
+from server.realtime.reauthorize import follow_user_change
 from server.storage.db import DATABASE_DOWN_ERRORS
 
 log = logging.getLogger("herald.realtime")
@@ -40,18 +43,15 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[store_key] = EventStore(
         app[pool_key], settings.events, on_published=metrics.published.inc, publish_wait=settings.database.publish_wait
     )
-    hub = app[hub_key] = Hub(store, settings.realtime.outbound_buffer)
+    realtime = settings.realtime
+    hub = app[hub_key] = Hub(store, realtime.outbound_buffer, realtime.max_replays, realtime.heartbeat)
     presence = app[presence_key] = Presence(app[pool_key], hub)
 
     async def on_user_change(user_id: str) -> None:
         if (revocation := parse_notification(user_id)) is not None:
             close_revoked(hub, app[revocations_key], *revocation)
             return
-        users = app[users_key]
-        users.forget(user_id)
-        if await users.active_user(user_id) is None:
-            for conn in hub.connections_of(user_id):
-                conn.close(4403, "user removed or disabled")
+        await follow_user_change(hub, app[users_key], app[sessions_key], app[rules_key], user_id)
 
     broker = app[broker_key] = Broker(
         settings.database.url,

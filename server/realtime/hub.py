@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("herald.hub")
 
-REPLAY_PAGE = 500
+REPLAY_CHUNK_EVENTS = 100  # history read per query during a replay: count and bytes, whichever comes first
+REPLAY_CHUNK_BYTES = 262144
 
 
 class Subscription:
@@ -56,9 +57,13 @@ class Resume:
 
 
 class Hub:
-    def __init__(self, store: EventStore, outbound_limit: int) -> None:
+    def __init__(
+        self, store: EventStore, outbound_limit: int, max_replays: int = 16, replay_stall: float = 25.0
+    ) -> None:
         self.store = store
         self.outbound_limit = outbound_limit
+        self.replays = asyncio.Semaphore(max_replays)  # this process's replay budget
+        self.replay_stall = replay_stall
         self.broker: Broker | None = None
         self.channels: dict[str, dict[Connection, Subscription]] = {}
         self.connections: dict[Connection, None] = {}
@@ -124,18 +129,35 @@ class Hub:
         return sub, Resume(last, reaches_back)
 
     async def replay(self, sub: Subscription) -> None:
-        """Send history after sub.last_sent through the connection's paced path, then go live."""
-        while sub.pending is not None:
-            events = await self.store.history(sub.channel, sub.last_sent, REPLAY_PAGE)
-            if not events:
-                self.go_live(sub)
-                return
-            for event in events:
-                if sub.conn.closed or sub.conn.subscriptions.get(sub.channel) is not sub:
+        """Send history after sub.last_sent through the connection's paced path, then go live.
+
+        History is read a bounded chunk at a time (count and bytes), the next only once the
+        last was written, and at most `replays` run at once in this process: a client that
+        resumes from far back and does not read costs one chunk, not its whole backlog. A
+        write the client does not drain within `replay_stall` seconds closes it as a slow
+        consumer, as a live backlog over the outbound limit does.
+        """
+        if sub.pending is None:
+            return
+        async with self.replays:
+            while sub.pending is not None:
+                events, ended = await self.store.history_chunk(
+                    sub.channel, sub.last_sent, REPLAY_CHUNK_EVENTS, REPLAY_CHUNK_BYTES
+                )
+                for event in events:
+                    if sub.conn.closed or sub.conn.subscriptions.get(sub.channel) is not sub:
+                        return
+                    try:
+                        async with asyncio.timeout(self.replay_stall):
+                            await sub.conn.send_replayed(sub, event)
+                    except TimeoutError:
+                        self.close_slow(sub.conn)
+                        return
+                    sub.last_sent = event.offset
+                    self.delivered[sub.conn.kind] += 1
+                if ended:
+                    self.go_live(sub)
                     return
-                await sub.conn.send_replayed(sub, event)
-                sub.last_sent = event.offset
-                self.delivered[sub.conn.kind] += 1
 
     def go_live(self, sub: Subscription) -> None:
         pending, sub.pending = sub.pending or [], None
