@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=16, help="keep-alive connections (16)")
     parser.add_argument("--repeat", type=int, default=2, help="windows per path; the least is shown (2)")
     parser.add_argument("--only", choices=("bare", "herald"), help="measure one server only")
+    parser.add_argument("--no-chain", action="store_true", help="Herald without its middlewares and hook")
+    parser.add_argument("--front-door-only", action="store_true", help="Herald with its first middleware alone")
     return parser.parse_args(argv)
 
 
@@ -127,10 +129,12 @@ def measure(name: str, command: list[str], helper: str, args: argparse.Namespace
     figures = {}
     try:
         asyncio.run(wait_up(f"{base}/healthz", 900))
-        token = asyncio.run(login(base)) if name != "bare" else None
+        stripped = name == "herald" and (args.no_chain or args.front_door_only)  # no auth layer: no /api/me
+        token = asyncio.run(login(base)) if name != "bare" and not stripped else None
         windows = 0
+        paths = ("/healthz",) if stripped else PATHS
         for _ in range(args.repeat):  # the first window can hold one-off work (caches, lazy imports)
-            for path in PATHS:
+            for path in paths:
                 asyncio.run(load(base + path, token, 100, 4))  # warm-up, not counted
                 windows += 1
                 proc.send_signal(signal.SIGUSR1)
@@ -159,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         source = os.path.join(out_dir, "helper.c")
         Path(source).write_text(HELPER)
         subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", helper, source], check=True)
+        experiment = ["--no-chain"] if args.no_chain else ["--front-door-only"] if args.front_door_only else []
         servers = {
             "bare": ["bench.bare_server", "--port"],
-            "herald": ["bench.profile_http", "--serve"],
+            "herald": ["bench.profile_http", *experiment, "--serve"],
         }
         results = {
             name: measure(name, command, helper, args, out_dir)
@@ -172,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'path':10} {'bare':>12} {'herald':>12} {'bare/herald':>12}")
     for path in PATHS:
         bare, herald = (results.get(name, {}).get(path, float("nan")) for name in ("bare", "herald"))
+        if herald != herald:  # nan: not measured
+            continue
         print(f"{path:10} {bare:12,.0f} {herald:12,.0f} {bare / herald:11.2f}x")
     return 0
 

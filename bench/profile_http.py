@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--publish", type=int, metavar="CHANNELS", help="POST single events over CHANNELS channels instead of --path"
     )
+    parser.add_argument(
+        "--no-chain",
+        action="store_true",
+        help="without Herald's middlewares and response hook: what routing, handler and aiohttp cost alone",
+    )
+    parser.add_argument("--front-door-only", action="store_true", help="--no-chain, but keep the front door")
     parser.add_argument("--serve", type=int, metavar="PORT", help="only serve until SIGTERM (bench.instructions)")
     return parser.parse_args(argv)
 
@@ -67,6 +73,9 @@ def wrk(url: str, token: str | None, duration: int, connections: int, script: Pa
 
 async def serve(args: argparse.Namespace, settings, sock) -> None:
     app = create_app(settings)
+    if args.no_chain or args.front_door_only:  # experiments, never a server: no auth, no headers
+        app._middlewares = type(app._middlewares)(app._middlewares[:1] if args.front_door_only else [])
+        app.on_response_prepare.clear()
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     await web.SockSite(runner, sock).start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -16,6 +17,7 @@ from server.errors import (
     Forbidden,
     PayloadTooLarge,
     RateLimited,
+    RequestTimeout,
     Unauthorized,
     UnsupportedMediaType,
     ValidationError,
@@ -26,6 +28,7 @@ from server.limits.connections import Lease, Refused, open_connection
 from server.web.net import client_ip
 
 INTEGER = re.compile(r"-?[0-9]{1,19}")
+CLOSE = {"Connection": "close"}  # the rest of a stalled body is not worth waiting for
 CONNECTION_RETRY_AFTER = 5  # seconds: a connection cap frees up when one of the caller's own closes
 
 
@@ -58,10 +61,14 @@ async def read_json_object(request: web.Request, max_size: int | None = None) ->
     limit = request.client_max_size
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"Request body is larger than {limit} bytes")
+    timeout = request.app[settings_key].server.body_timeout
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout):  # a body sent a byte at a time holds no handler for long
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"Request body is larger than {limit} bytes") from None
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {timeout:g} s", headers=CLOSE) from None
     value = decode_json(raw)
     if not isinstance(value, dict):
         raise ValidationError.field("body", "must be a JSON object")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from aiohttp import web
+from multidict import istr
 
 from server.identity.auth import Identity
 from server.keys import limiter_key, ratelimit_key, settings_key
@@ -11,6 +12,9 @@ from server.limits.limiter import bucket_key, refusal
 from server.web.net import client_ip
 
 REALTIME_PATHS = frozenset({"/ws", "/sse"})
+RATELIMIT_LIMIT = istr("RateLimit-Limit")
+RATELIMIT_REMAINING = istr("RateLimit-Remaining")
+RATELIMIT_RESET = istr("RateLimit-Reset")
 
 
 def is_limited(request: web.Request) -> bool:
@@ -33,8 +37,11 @@ def charge(request: web.Request, identity: Identity | None) -> None:
 def add_ratelimit_headers(request: web.Request, response: web.StreamResponse) -> None:
     """Part of the front door's response-headers hook: limited responses, streams and
     429s included, show the bucket."""
+    if not is_limited(request):  # nothing was charged (and request.get's miss raises inside)
+        return
     decision = request.get(ratelimit_key)
     if decision is not None:
-        response.headers["RateLimit-Limit"] = str(decision.limit)
-        response.headers["RateLimit-Remaining"] = str(decision.remaining)
-        response.headers["RateLimit-Reset"] = str(decision.reset)
+        headers = response.headers
+        headers[RATELIMIT_LIMIT] = str(decision.limit)
+        headers[RATELIMIT_REMAINING] = str(decision.remaining)
+        headers[RATELIMIT_RESET] = str(decision.reset)

@@ -6,9 +6,11 @@ import os
 import re
 
 from aiohttp import web
+from multidict import istr
 
 from server.keys import request_id_key
 
+REQUEST_ID_HEADER = istr("X-Request-Id")
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # The RFC 9562 variant bits (10xx) of a UUID's 17th hex digit, from any random digit.
 _VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
@@ -49,4 +51,4 @@ def set_request_id_header(request: web.Request, response: web.StreamResponse) ->
         request_id = request[request_id_key]  # not request.get: Mapping.get costs twice as much
     except KeyError:  # not through the front door (nothing in Herald does that)
         request_id = fresh_request_id()
-    response.headers["X-Request-Id"] = request_id
+    response.headers[REQUEST_ID_HEADER] = request_id

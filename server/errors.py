@@ -71,6 +71,12 @@ class ValidationError(ApiError):
         return cls(f"{name}: {message}", errors=[{"field": name, "message": message}])
 
 
+class RequestTimeout(ApiError):
+    """A body that did not arrive within server.body_timeout (a slow-body attack, or a stalled client)."""
+
+    status, code = 408, "bad_request"
+
+
 class RateLimited(ApiError):
     status, code = 429, "rate_limited"
 

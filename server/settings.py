@@ -63,6 +63,7 @@ class ServerSettings:
     static_build_dir: str = "var/static"
     keepalive_timeout: float = 15.0
     header_timeout: float = 10.0
+    body_timeout: float = 10.0
     max_connections: int = 0
     reserved_connections: int = 32
 

@@ -177,3 +177,19 @@ async def test_at_max_connections_a_health_check_still_gets_in(guarded):
     assert guard.open <= 4
     for writer in held:
         writer.close()
+
+
+async def test_a_body_that_trickles_in_gets_408_after_body_timeout(make_client):
+    client = await make_client({"server": {"body_timeout": 0.5}})
+    token = await token_for(client, "pub", ("publisher",))
+    head = (
+        "POST /api/channels/public:x/events HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Length: 100\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(head + b'{"data": ')  # and the other 91 bytes never come
+        status_line = await asyncio.wait_for(reader.readline(), DEADLINE)
+        assert status_line.startswith(b"HTTP/1.1 408 "), status_line
+    finally:
+        writer.close()

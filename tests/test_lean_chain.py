@@ -33,7 +33,7 @@ class CountingStream(io.BytesIO):
         return super().write(data)
 
 
-def test_three_middleware_frames_and_one_response_hook(settings):
+def test_two_middleware_frames_and_one_response_hook(settings):
     app = create_app(settings)  # no CORS origins: aiohttp-cors adds nothing
     assert len(app.middlewares) == 2, app.middlewares  # the front door; auth + limit (+ sessions where needed)
     assert len(app.on_response_prepare) == 1, list(app.on_response_prepare)
