@@ -3,7 +3,8 @@
 HTTP through the whole chain (1 and 2 workers against a bare aiohttp app), WebSocket
 and SSE fan-out at 1000 and 5000 subscribers with RSS per idle WebSocket at 5000
 connections (against a naive broadcast server), and publish throughput (against the
-naive server's in-memory publish). Each part runs its own baseline in the same run.
+naive server's in-memory publish), and presence at 5000 subscribers (against the same
+connects on a channel without presence). Each part runs its own baseline in the same run.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import platform
 import sys
 
-from bench import app_tokens, fanout, http, publish
+from bench import app_tokens, fanout, http, presence, publish
 
 
 def main() -> int:
@@ -24,6 +25,7 @@ def main() -> int:
     failures += fanout.main(["--subscribers", "1000", "--idle", "5000"]) != 0
     failures += fanout.main(["--subscribers", "5000", "--idle", "0", "--events", "100", "--duration", "5"]) != 0
     failures += publish.main([]) != 0
+    failures += presence.main([]) != 0
     return 1 if failures else 0
 
 

@@ -1,12 +1,12 @@
-"""The channels a caller may follow, with live subscriber counts (PROTOCOL §4)."""
+"""The channels a caller may follow, with live subscriber counts (PROTOCOL §4), and who is here (§14)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from handlers.http import json_response, query_int, require_identity
+from handlers.http import identity_of, json_response, query_int, require_identity
 from server.errors import ValidationError
-from server.identity.permissions import is_valid_channel, may, subscribable_sql
+from server.identity.permissions import check_presence, is_valid_channel, may, subscribable_sql
 from server.keys import presence_key, rules_key, settings_key, store_key
 
 SCAN_LIMIT = 5000  # channel rows one call looks at, at most: a short page with a `next` goes on from there
@@ -31,3 +31,10 @@ async def list_channels(request: web.Request) -> web.Response:
     counts = await request.app[presence_key].totals([name for name, _ in found])
     items = [{"name": name, "last_offset": last, "subscribers": counts[name]} for name, last in found]
     return json_response({"items": items, "next": next_cursor})
+
+
+async def presence(request: web.Request) -> web.Response:
+    channel = request.match_info["channel"]
+    check_presence(identity_of(request), channel, request.app[rules_key])
+    body = await request.app[presence_key].members(channel)
+    return web.Response(body=body, content_type="application/json")

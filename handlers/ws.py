@@ -11,8 +11,8 @@ from aiohttp import WSMsgType, web
 from handlers.http import decode_json, identity_of, realtime_slot
 from server.errors import ApiError, BadRequest, Conflict, Forbidden, RateLimited, ValidationError
 from server.events.store import validate_event
-from server.identity.permissions import check_permission
-from server.keys import authenticator_key, hub_key, limiter_key, rules_key, settings_key, store_key
+from server.identity.permissions import check_permission, check_presence
+from server.keys import authenticator_key, hub_key, limiter_key, presence_key, rules_key, settings_key, store_key
 from server.limits.connections import Lease
 from server.limits.limiter import bucket_key, refusal
 from server.realtime.connections import WebSocketConnection
@@ -147,6 +147,12 @@ class Session:
             raise ValidationError.field("channel", "is required")
         self.app[hub_key].unsubscribe(self.conn, channel)
         await self.reply(message_id, channel=channel)
+
+    async def op_presence(self, message: dict[str, Any], message_id: Any) -> None:
+        channel = message.get("channel")
+        check_presence(self.conn.identity, channel, self.app[rules_key])
+        body = await self.app[presence_key].members(channel)
+        await self.conn.send_json(b'{"op":"ok","id":' + orjson.dumps(message_id) + b"," + body[1:])
 
     def check_rate(self, what: str = "Too many publishes") -> None:
         """WebSocket publishes and subscribes draw on the same bucket as the caller's REST requests."""

@@ -118,6 +118,7 @@ def add_routes(app: web.Application) -> None:
     router.add_post("/api/revocations", revocations.revoke)
     router.add_get("/api/channels", channels.list_channels)
     router.add_get("/api/channels/{channel}/events", events.history)
+    router.add_get("/api/channels/{channel}/presence", channels.presence)
     router.add_post("/api/events", batch.publish_events)
     router.add_post("/api/broadcast", batch.broadcast)
     router.add_get("/api/openapi.json", openapi.document_handler())

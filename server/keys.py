@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from server.ops.throttle import ThrottledLog
     from server.realtime.hub import Hub
     from server.realtime.presence import Presence
+    from server.realtime.roster import Roster
     from server.settings import Settings
     from server.web.static import StaticFiles
 
@@ -39,6 +40,7 @@ store_key: web.AppKey[EventStore] = web.AppKey("store_key")
 hub_key: web.AppKey[Hub] = web.AppKey("hub_key")
 broker_key: web.AppKey[Broker] = web.AppKey("broker_key")
 presence_key: web.AppKey[Presence] = web.AppKey("presence_key")
+roster_key: web.AppKey[Roster] = web.AppKey("roster_key")
 limiter_key: web.AppKey[RateLimiter] = web.AppKey("limiter_key")
 metrics_key: web.AppKey[Metrics] = web.AppKey("metrics_key")
 static_key: web.AppKey[StaticFiles] = web.AppKey("static_key")

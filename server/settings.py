@@ -155,6 +155,7 @@ class RealtimeSettings:
     outbound_buffer: int = 1048576
     compression: bool = False
     max_replays: int = 16
+    presence_grace: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +169,7 @@ class ChannelRule:
     pattern: str
     subscribe: tuple[str, ...] = ()
     publish: tuple[str, ...] = ()
+    presence: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +196,7 @@ SECTIONS: dict[str, type] = {
 }
 
 # Numeric keys that may be zero; every other number must be positive.
-ZERO_ALLOWED = {"limits.rate", "cors.max_age", "server.max_connections"}
+ZERO_ALLOWED = {"limits.rate", "cors.max_age", "server.max_connections", "realtime.presence_grace"}
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -347,7 +349,7 @@ def _build_channel_rules(raw: Any) -> tuple[ChannelRule, ...]:
         key = f"channels[{index}]"
         if not isinstance(item, dict):
             raise SettingsError(key, "must be a table")
-        unknown = set(item) - {"pattern", "subscribe", "publish"}
+        unknown = set(item) - {"pattern", "subscribe", "publish", "presence"}
         if unknown:
             raise SettingsError(f"{key}.{sorted(unknown)[0]}", "unknown key")
         if "pattern" not in item:
@@ -360,6 +362,7 @@ def _build_channel_rules(raw: Any) -> tuple[ChannelRule, ...]:
                 pattern=pattern,
                 subscribe=_coerce(f"{key}.subscribe", "tuple", item.get("subscribe", [])),
                 publish=_coerce(f"{key}.publish", "tuple", item.get("publish", [])),
+                presence=_coerce(f"{key}.presence", "bool", item.get("presence", False)),
             )
         )
     return tuple(rules)

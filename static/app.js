@@ -10,6 +10,7 @@
   const DATA_PREVIEW = 2000;
   const CHANNEL = /^[A-Za-z0-9_.:@-]{1,128}$/;
   const TRANSPORT_NAMES = { ws: "WebSocket", sse: "SSE" };
+  const PRESENCE_SETTLE_MS = 150; // join/leave come in bursts: one presence query per burst
 
   const $ = (id) => document.getElementById(id);
 
@@ -26,6 +27,8 @@
     channels: new Map(), // name -> {name, last_offset, subscribers} from GET /api/channels
     followed: new Set(),
     rates: new Map(), // channel -> Map(second -> count)
+    presenceOff: new Set(), // followed channels whose presence query was refused (presence off)
+    presenceTimers: new Map(), // channel -> pending refresh after a join/leave
     refreshTimer: null,
     chartTimer: null,
   };
@@ -161,6 +164,10 @@
       addNotice(`${channel}: the server no longer has every event since the last one shown; some were missed.`);
     });
     client.on("error", onClientError);
+    client.on("join", ({ channel }) => schedulePresence(channel));
+    client.on("leave", ({ channel }) => schedulePresence(channel));
+    client.on("connected", refreshAllPresence);
+    client.on("resumed", refreshAllPresence);
     for (const channel of prefs.channels) follow(channel);
 
     refreshChannels();
@@ -177,6 +184,9 @@
     app.followed.clear();
     app.rates.clear();
     app.channels.clear();
+    app.presenceOff.clear();
+    for (const timer of app.presenceTimers.values()) clearTimeout(timer);
+    app.presenceTimers.clear();
     $("charts").replaceChildren();
     $("feed").replaceChildren();
     $("channels").replaceChildren();
@@ -229,6 +239,7 @@
     app.channels = new Map(result.payload.items.map((c) => [c.name, c]));
     $("channels-updated").textContent = `updated ${clock(new Date()).slice(0, 8)}`;
     renderChannels();
+    refreshAllPresence();
   }
 
   function renderChannels() {
@@ -289,6 +300,7 @@
     app.client.subscribe(channel);
     app.rates.set(channel, new Map());
     addChart(channel);
+    refreshPresence(channel);
     if (!$("publish-channel").value) $("publish-channel").value = channel;
     savePrefs();
     renderChannels();
@@ -299,6 +311,7 @@
     app.followed.delete(channel);
     if (app.client && !(options && options.keepClient)) app.client.unsubscribe(channel);
     app.rates.delete(channel);
+    app.presenceOff.delete(channel);
     const chart = $("charts").querySelector(`[data-channel="${CSS.escape(channel)}"]`);
     if (chart) chart.remove();
     updateChartsEmpty();
@@ -390,6 +403,55 @@
     return `${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())}.${pad(date.getMilliseconds(), 3)}`;
   }
 
+  // ---- presence: who is here, on channels whose rule has it on ---------------------------
+
+  function refreshAllPresence() {
+    for (const channel of app.followed) refreshPresence(channel);
+  }
+
+  function schedulePresence(channel) {
+    if (app.presenceTimers.has(channel)) return;
+    app.presenceTimers.set(
+      channel,
+      setTimeout(() => {
+        app.presenceTimers.delete(channel);
+        refreshPresence(channel);
+      }, PRESENCE_SETTLE_MS),
+    );
+  }
+
+  async function refreshPresence(channel) {
+    const client = app.client;
+    if (!client || !app.followed.has(channel) || app.presenceOff.has(channel)) return;
+    try {
+      const body = await client.presence(channel);
+      if (app.client === client && app.followed.has(channel)) renderPresence(channel, body);
+    } catch (err) {
+      // Presence off (or not allowed) is 403: nothing to show, and no point asking again.
+      if (err.code === "forbidden" || err.status === 403) app.presenceOff.add(channel);
+    }
+  }
+
+  function renderPresence(channel, body) {
+    const card = $("charts").querySelector(`[data-channel="${CSS.escape(channel)}"]`);
+    if (!card) return;
+    const box = card.querySelector(".presence");
+    const users = body.users.map((user) => {
+      const item = el("li", "presence-user", user.username);
+      item.dataset.testid = "presence-user";
+      item.dataset.user = user.id;
+      item.title = `${user.username} (id ${user.id}): ${user.connections} connection${user.connections === 1 ? "" : "s"}`;
+      if (user.connections > 1) item.append(el("span", "muted", ` ×${user.connections}`));
+      return item;
+    });
+    const anonymous = body.clients - body.users.reduce((n, user) => n + user.connections, 0);
+    let count = `Here: ${body.users.length} user${body.users.length === 1 ? "" : "s"}`;
+    if (anonymous > 0) count += ` + ${anonymous} anonymous`;
+    box.querySelector(".presence-count").textContent = count;
+    box.querySelector(".presence-users").replaceChildren(...users);
+    box.hidden = false;
+  }
+
   // ---- rate charts ---------------------------------------------------------------------
 
   function addChart(channel) {
@@ -406,7 +468,11 @@
     const canvas = el("canvas");
     canvas.setAttribute("role", "img");
     canvas.setAttribute("aria-label", `Events per second on ${channel}, last 60 seconds`);
-    card.append(head, canvas);
+    const here = el("div", "presence");
+    here.dataset.testid = `presence-${channel}`;
+    here.hidden = true; // shown once the server says this channel has presence
+    here.append(el("span", "presence-count muted"), el("ul", "presence-users"));
+    card.append(head, canvas, here);
     $("charts").append(card);
     updateChartsEmpty();
     drawChart(card, app.rates.get(channel), Math.floor(Date.now() / 1000));

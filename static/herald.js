@@ -21,7 +21,10 @@
  * Events (client.on / client.off): "connecting", "connected", "reconnecting", "resumed",
  * "closed", "idle" (SSE with no channels: nothing to stream), "state" (every change, with
  * the new state), "event" (every delivered event), "reset" ({channel}), "subscribed"
- * ({channel, offset, recovered}), "error" (a HeraldError: .code, .status, .channel).
+ * ({channel, offset, recovered}), "error" (a HeraldError: .code, .status, .channel),
+ * "join" / "leave" ({channel, user: {id, username}}: on channels whose rule has presence on,
+ * a user's first subscription opened / last one closed; not events, never replayed).
+ * client.presence(channel) resolves to {channel, clients, users: [{id, username, connections}]}.
  */
 (function (root) {
   "use strict";
@@ -203,6 +206,25 @@
       }
       const headers = opts.idempotencyKey ? { "Idempotency-Key": opts.idempotencyKey } : {};
       return this._rest("POST", `/api/channels/${encodeURIComponent(channel)}/events`, body, headers);
+    }
+
+    /**
+     * Who is here on a presence channel: {channel, clients, users: [{id, username, connections}]}.
+     * Over the open WebSocket (op "presence"), else GET /api/channels/{channel}/presence. Rejects
+     * with a HeraldError: code "forbidden" (status 403 over REST) where presence is off.
+     */
+    async presence(channel) {
+      if (this.transport === "ws" && this._wsReady()) {
+        const reply = await this._request({ op: "presence", channel });
+        return { channel: reply.channel, clients: reply.clients, users: reply.users };
+      }
+      return this._rest("GET", `/api/channels/${encodeURIComponent(channel)}/presence`);
+    }
+
+    _presenceChange(message) {
+      if (this._subs.has(message.channel)) {
+        this._emit(message.op, { channel: message.channel, user: message.user });
+      }
     }
 
     /** Switch between "ws" and "sse": reconnects with the same channels and resumes them. */
@@ -406,6 +428,10 @@
         case "event":
           this._deliver(message);
           break;
+        case "join":
+        case "leave":
+          this._presenceChange(message);
+          break;
         case "ok":
         case "error":
         case "pong": {
@@ -515,6 +541,10 @@
       if (!message || typeof message !== "object") return;
       if (message.op === "reset") {
         this._sseReset(gen, conn, message.channel, message.offset);
+        return;
+      }
+      if (message.op === "join" || message.op === "leave") {
+        this._presenceChange(message);
         return;
       }
       if (message.op !== "event") return;

@@ -38,11 +38,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_settings(path: Path, limits: dict[str, Any] | None = None, extra: str = "") -> Path:
+def write_settings(
+    path: Path, limits: dict[str, Any] | None = None, extra: str = "", rules: str = CHANNEL_RULES
+) -> Path:
     """`extra`: more TOML (arrays of tables such as [[auth.issuers]]) after the channel rules."""
     lines = ["[database]", "pool_size = 4", "[limits]"]
     lines += [f"{key} = {value}" for key, value in {**GENEROUS_LIMITS, **(limits or {})}.items()]
-    path.write_text("\n".join(lines) + "\n" + CHANNEL_RULES + extra)
+    path.write_text("\n".join(lines) + "\n" + rules + extra)
     return path
 
 
@@ -75,10 +77,11 @@ class Herald:
         secrets_dir: Path | None = None,
         limits: dict[str, Any] | None = None,
         extra_settings: str = "",
+        rules: str = CHANNEL_RULES,
         env: dict[str, str] | None = None,
     ) -> Herald:
         directory.mkdir(parents=True, exist_ok=True)
-        settings = write_settings(directory / f"{name}.toml", limits, extra_settings)
+        settings = write_settings(directory / f"{name}.toml", limits, extra_settings, rules)
         port = free_port()
         env = child_env(
             DATABASE_URL=database_url,

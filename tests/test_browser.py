@@ -14,8 +14,8 @@ import pytest
 
 from server.app import create_app
 from server.keys import hub_key, store_key, tokens_key
-from tests.conftest import deep_merge, wait_for
-from tests.helpers import PASSWORD, add_user, publish, token_for
+from tests.conftest import TEST_CHANNEL_RULES, deep_merge, wait_for
+from tests.helpers import PASSWORD, WsClient, add_user, publish, token_for
 
 async_api = pytest.importorskip("playwright.async_api", reason="playwright is not installed")
 
@@ -418,4 +418,61 @@ async def test_herald_js_resumes_a_channel_that_had_no_event_before_the_drop(ser
     await publish(api, publisher, channel, 3)
     assert [offset for _, offset, _ in await received(page, 3)] == [1, 2, 3]
     assert await page.evaluate("() => window.log.resets") == []
+    assert_page_was_clean(page)
+
+
+PRESENCE_RULES = [{"pattern": "room:*", "subscribe": ["authenticated"], "publish": ["publisher"], "presence": True}]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_the_dashboard_shows_who_is_here_on_presence_channels(make_server, aiohttp_client, page, transport):
+    server = await make_server({"channels": PRESENCE_RULES + TEST_CHANNEL_RULES, "realtime": {"presence_grace": 0}})
+    api = await aiohttp_client(server)
+    await add_user(api, "alice")
+    bob = await token_for(api, "bob")
+    await sign_in(page, server, "alice")
+    await choose_transport(page, transport)
+    await subscribe(page, server, "room:lobby")
+    await subscribe(page, server, "orders")  # no presence on its rule: nothing shown
+
+    here = page.locator('[data-testid="presence-room:lobby"]')
+    await expect(here).to_be_visible()
+    await expect(here.locator('[data-testid="presence-user"]')).to_have_text(["alice"])
+    ws = await WsClient.connect(api, f"/ws?access_token={bob}")
+    await ws.subscribe("room:lobby")
+    # bob's join reaches the page, which asks who is here again.
+    await expect(here.locator('[data-testid="presence-user"]')).to_have_text(["alice", "bob"])
+    await expect(here.locator(".presence-count")).to_have_text("Here: 2 users")
+    await ws.ws.close()
+    await expect(here.locator('[data-testid="presence-user"]')).to_have_text(["alice"])
+    await expect(page.locator('[data-testid="presence-orders"]')).to_be_hidden()
+
+    # herald.js itself: client.presence() and the join/leave events.
+    await page.evaluate(
+        """(transport) => {
+            window.seen = [];
+            const c = new Herald.Client({ transport });
+            c.on("join", (e) => seen.push(["join", e.channel, e.user.username]));
+            c.on("leave", (e) => seen.push(["leave", e.channel, e.user.username]));
+            c.subscribe("room:lobby");
+            window.probe = c;
+        }""",
+        transport,
+    )
+    await wait_for(
+        lambda: len(server.app[hub_key].channels.get("room:lobby", {})) == 2 and is_live(server, "room:lobby")
+    )
+    ws = await WsClient.connect(api, f"/ws?access_token={bob}")
+    await ws.subscribe("room:lobby")
+    await wait_for(lambda: page.evaluate("seen.length === 1"))
+    assert await page.evaluate("seen") == [["join", "room:lobby", "bob"]]
+    body = await page.evaluate("probe.presence('room:lobby')")
+    assert body["clients"] == 3
+    assert [(u["username"], u["connections"]) for u in body["users"]] == [("alice", 2), ("bob", 1)]
+    await ws.ws.close()
+    await wait_for(lambda: page.evaluate("seen.length === 2"))
+    assert (await page.evaluate("seen"))[1] == ["leave", "room:lobby", "bob"]
+    refused = await page.evaluate("probe.presence('orders').then(() => null, (e) => e.code)")
+    assert refused == "forbidden"
+    await screenshot(page, f"dashboard-presence-{transport}.png")
     assert_page_was_clean(page)

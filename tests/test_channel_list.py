@@ -108,8 +108,10 @@ async def test_a_channel_with_events_again_or_with_subscribers_is_not_pruned(mak
         await age(pool, channel, "time")
     await store.prune()
     await store.publish("public:back", "message", "2")  # it came back
+    await pool.execute("INSERT INTO presence_processes (process) VALUES ('elsewhere')")
     await pool.execute(
-        "INSERT INTO subscriber_counts (process, channel, count) VALUES ('elsewhere', 'public:followed', 1)"
+        "INSERT INTO presence_entries (process, channel, member, connections)"
+        " VALUES ('elsewhere', 'public:followed', '', 1)"
     )
     await store.prune()  # unmarks public:back
     for channel in ("public:back", "public:followed"):

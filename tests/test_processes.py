@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import truncate_all, wait_for
-from tests.procs import Herald, bearer, history, make_users
+from tests.procs import CHANNEL_RULES, Herald, bearer, history, make_users
 
 pytestmark = pytest.mark.slow
 
@@ -564,3 +564,64 @@ async def test_events_cross_instances_sharing_a_database(launch, tmp_path):
                 assert message["op"] == "event", message
                 received.append(message)
     assert [(e["offset"], e["data"]) for e in received] == [(i + 1, i) for i in range(count)]
+
+
+# --- presence across workers; a killed worker takes its presence with it -----------------
+
+PRESENCE_RULES = '[[channels]]\npattern = "room:*"\nsubscribe = ["authenticated"]\npublish = []\npresence = true\n'
+
+
+async def ws_on_worker(session, herald: Herald, token: str, channel: str, wanted: set[int]):
+    """A subscribed WebSocket held by one of the `wanted` workers (fresh connections until one is)."""
+    for _ in range(50):
+        ws = await session.ws_connect(herald.url(f"/ws?access_token={token}"))
+        assert (await ws.receive_json(timeout=10))["op"] == "welcome"
+        pid = herald.worker_holding(ws.get_extra_info("sockname")[1])
+        if pid in wanted:
+            await ws.send_json({"op": "subscribe", "id": 1, "channel": channel})
+            reply = await ws.receive_json(timeout=10)
+            assert reply["op"] == "ok", reply
+            return ws, pid
+        await ws.close()
+    raise AssertionError(f"no connection landed on {wanted}")
+
+
+async def test_presence_spans_the_workers_and_a_killed_worker_takes_its_entries_within_30s(launch):
+    herald = await launch(workers=2, rules=PRESENCE_RULES + CHANNEL_RULES, env={"HERALD_REALTIME_PRESENCE_GRACE": "0"})
+    tokens = await make_users(herald.base)  # two users: root (admin) and pub
+    channel = "room:kill"
+    async with fresh_connections(total=None) as session:
+        workers = herald.worker_pids()
+        root_ws, root_pid = await ws_on_worker(session, herald, tokens.admin, channel, workers)
+        pub_ws, victim = await ws_on_worker(session, herald, tokens.publisher, channel, workers - {root_pid})
+        try:
+
+            async def presence() -> tuple[int, list[str]]:
+                async with session.get(
+                    herald.url(f"/api/channels/{channel}/presence"), headers=bearer(tokens.admin)
+                ) as r:
+                    assert r.status == 200, await r.text()
+                    body = await r.json()
+                return body["clients"], [u["username"] for u in body["users"]]
+
+            started = time.monotonic()
+            await wait_for(lambda: presence_is(presence, (2, ["root", "pub"])), timeout=2)
+            print(f"both workers' subscribers listed after {time.monotonic() - started:.2f}s")
+            join = await root_ws.receive_json(timeout=10)
+            assert (join["op"], join["user"]["username"]) == ("join", "pub"), join
+
+            os.kill(victim, signal.SIGKILL)
+            killed_at = time.monotonic()
+            leave = await root_ws.receive_json(timeout=30)
+            assert (leave["op"], leave["channel"], leave["user"]["username"]) == ("leave", channel, "pub"), leave
+            left_after = time.monotonic() - killed_at
+            assert left_after < 30, left_after
+            assert await presence() == (1, ["root"])
+            print(f"the killed worker's entries were gone and its user's leave sent after {left_after:.1f}s")
+        finally:
+            await root_ws.close()
+            await pub_ws.close()
+
+
+async def presence_is(read: Callable[[], Awaitable[Any]], expected: Any) -> bool:
+    return await read() == expected

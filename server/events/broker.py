@@ -48,6 +48,14 @@ class Broker:
         self._queue: asyncio.Queue[tuple] = asyncio.Queue()
         self._ready: dict[str, asyncio.Future[None]] = {}
         self._lost = asyncio.Event()
+        self.side_channels: dict[str, Callable[[str], None]] = {}  # other NOTIFY channels and their readers
+        self.reconnected: list[Callable[[], None]] = []  # told after each (re)connect: notifications may be lost
+
+    def listen_also(self, channel: str, on_payload: Callable[[str], None], on_reconnect: Callable[[], None]) -> None:
+        """Another NOTIFY channel on the same LISTEN connection (presence): no second connection
+        per process. Its payloads go straight to `on_payload`, outside the event queue."""
+        self.side_channels[channel] = on_payload
+        self.reconnected.append(on_reconnect)
 
     @property
     def connected(self) -> bool:
@@ -88,7 +96,11 @@ class Broker:
                 conn.add_termination_listener(lambda _: self._lost.set())
                 await conn.add_listener(self.events_channel, self._on_notify)
                 await conn.add_listener(USER_CHANGES_CHANNEL, self._on_notify)
+                for name, on_payload in self.side_channels.items():
+                    await conn.add_listener(name, side_listener(on_payload))
                 self._queue.put_nowait(("catch_up",))
+                for on_reconnect in self.reconnected:
+                    on_reconnect()
                 self._connected.set()
                 backoff = BACKOFF_FIRST
                 log.info("listening for events")
@@ -191,3 +203,7 @@ class Broker:
         if event.channel in self.last and event.offset > self.last[event.channel]:
             self.last[event.channel] = event.offset
             self.deliver(event)
+
+
+def side_listener(on_payload: Callable[[str], None]) -> Callable[..., None]:
+    return lambda _conn, _pid, _channel, payload: on_payload(payload)

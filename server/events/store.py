@@ -245,9 +245,9 @@ class EventStore:
                    WHERE d.emptied_at < now() - make_interval(secs => $1)
                      AND NOT EXISTS (SELECT 1 FROM events e WHERE e.channel = d.name)
                      AND NOT EXISTS (SELECT 1 FROM idempotency_keys k WHERE k.channel = d.name)
-                     AND NOT EXISTS (SELECT 1 FROM subscriber_counts s
-                                     WHERE s.channel = d.name AND s.count > 0
-                                       AND s.updated_at > now() - make_interval(secs => $2))
+                     AND NOT EXISTS (SELECT 1 FROM presence_entries s JOIN presence_processes p USING (process)
+                                     WHERE s.channel = d.name
+                                       AND p.beat_at > now() - make_interval(secs => $2))
                    LIMIT 10000
                ) AS old
                WHERE c.name = old.name AND c.last_offset = old.last_offset""",

@@ -27,6 +27,7 @@ class CompiledRule:
     regex: re.Pattern[str]
     subscribe: frozenset[str]
     publish: frozenset[str]
+    presence: bool = False
 
     def allowed(self, action: Action) -> frozenset[str]:
         return self.subscribe if action == "subscribe" else self.publish
@@ -50,7 +51,7 @@ def compile_rule(rule: ChannelRule, index: int = 0, id_prefixes: Iterable[str] =
         compiled = re.compile(f"(?s:{regex})\\Z")
     except re.error as exc:
         raise SettingsError(f"channels[{index}].pattern", f"is not a valid pattern: {exc}") from None
-    return CompiledRule(rule.pattern, compiled, frozenset(rule.subscribe), frozenset(rule.publish))
+    return CompiledRule(rule.pattern, compiled, frozenset(rule.subscribe), frozenset(rule.publish), rule.presence)
 
 
 def _unanchored(translated: str) -> str:
@@ -113,6 +114,20 @@ def channel_rule_for(rules: Iterable[CompiledRule], channel: str) -> tuple[Compi
         if match:
             return rule, match.groupdict().get("sub")
     return None
+
+
+def has_presence(channel: str, rules: Iterable[CompiledRule]) -> bool:
+    """Presence is the matching rule's choice (PROTOCOL §14): off without a rule, for admins too."""
+    found = channel_rule_for(rules, channel)
+    return found is not None and found[0].presence
+
+
+def check_presence(identity: Identity | None, channel: str, rules: Iterable[CompiledRule]) -> None:
+    """Who may ask who is here: subscribers of a presence channel. Permission is decided first,
+    so a caller who may not subscribe learns nothing, not even whether presence is on."""
+    check_permission(identity, "subscribe", channel, rules)
+    if not has_presence(channel, rules):
+        raise Forbidden(f"Presence is off for {channel}")
 
 
 def may(identity: Identity | None, action: Action, channel: str, rules: Iterable[CompiledRule]) -> bool:

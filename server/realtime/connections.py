@@ -19,7 +19,15 @@ from aiohttp import WSMsgType, web
 
 from server.events.store import StoredEvent
 from server.identity.auth import Identity
-from server.realtime.wire import EncodedEvent, channel_set_tag, encode_cursor, event_payload, http_chunk, sse_message
+from server.realtime.wire import (
+    EncodedEvent,
+    EncodedNotice,
+    channel_set_tag,
+    encode_cursor,
+    event_payload,
+    http_chunk,
+    sse_message,
+)
 
 if TYPE_CHECKING:
     from server.realtime.hub import Hub, Subscription
@@ -87,6 +95,9 @@ class Connection:
     async def send_replayed(self, sub: Subscription, event: StoredEvent) -> None:
         raise NotImplementedError
 
+    def send_notice(self, notice: EncodedNotice) -> None:
+        raise NotImplementedError
+
     def close(self, code: int, reason: str) -> None:
         raise NotImplementedError
 
@@ -127,6 +138,10 @@ class WebSocketConnection(Connection):
 
     async def send_replayed(self, sub: Subscription, event: StoredEvent) -> None:
         await self.ws.send_frame(event_payload(event.json.encode()), WSMsgType.TEXT)
+
+    def send_notice(self, notice: EncodedNotice) -> None:
+        self.transport.write(notice.ws_frame)
+        self._check_backlog()
 
     async def send_json(self, message: bytes) -> None:
         if not self.closed:
@@ -203,6 +218,13 @@ class SseConnection(Connection):
 
     async def send(self, message: bytes) -> None:
         await self.response.write(message)
+
+    def send_notice(self, notice: EncodedNotice) -> None:
+        if self.transport is None or self.transport.is_closing():
+            self.close(1000, "client left")
+            return
+        self.transport.write(notice.sse_chunk if self.chunked else notice.sse_message)
+        self._check_backlog()
 
     def ping(self) -> None:
         """The keep-alive comment, and the only way to learn that an idle client left."""

@@ -20,6 +20,7 @@ from server.keys import (
     pool_key,
     presence_key,
     revocations_key,
+    roster_key,
     rules_key,
     sessions_key,
     settings_key,
@@ -30,6 +31,7 @@ from server.realtime.connections import Connection, SseConnection, WebSocketConn
 from server.realtime.hub import Hub
 from server.realtime.presence import Presence
 from server.realtime.reauthorize import follow_user_change
+from server.realtime.roster import Roster
 from server.storage.db import DATABASE_DOWN_ERRORS
 
 log = logging.getLogger("herald.realtime")
@@ -45,7 +47,10 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     realtime = settings.realtime
     hub = app[hub_key] = Hub(store, realtime.outbound_buffer, realtime.max_replays, realtime.heartbeat)
-    presence = app[presence_key] = Presence(app[pool_key], hub)
+    presence = app[presence_key] = Presence(app[pool_key], app[rules_key], settings.database.schema)
+    roster = app[roster_key] = Roster(presence, hub, realtime.presence_grace)
+    presence.roster = roster
+    hub.presence = presence
 
     async def on_user_change(user_id: str) -> None:
         if (revocation := parse_notification(user_id)) is not None:
@@ -62,12 +67,14 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
         on_reconnect=app[revocations_key].reload,
     )
     hub.broker = broker
+    broker.listen_also(presence.notify_channel, roster.on_notify, roster.on_reconnect)
     hub.revoked = app[revocations_key].refuses
     scheduler = aiojobs.Scheduler(close_timeout=2)
     for job in (
         broker.listen(),
         broker.process(),
         presence.report_forever(),
+        roster.run(),
         prune_forever(store, settings.events.prune_interval),
         beat_forever(hub, settings.realtime.sse_ping, SseConnection, SseConnection.ping),
         beat_forever(hub, settings.realtime.heartbeat, WebSocketConnection, WebSocketConnection.heartbeat),

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from server.events.store import EventStore, StoredEvent
-from server.realtime.wire import EncodedEvent
+from server.realtime.wire import EncodedEvent, EncodedNotice
 
 if TYPE_CHECKING:
     from server.events.broker import Broker
     from server.identity.auth import Identity
     from server.realtime.connections import Connection
+    from server.realtime.presence import Presence
 
 log = logging.getLogger("herald.hub")
 
@@ -38,7 +39,7 @@ REPLAY_CHUNK_BYTES = 262144
 class Subscription:
     """One connection following one channel; `pending` buffers live events until replay ends."""
 
-    __slots__ = ("channel", "conn", "last_sent", "pending", "pending_bytes")
+    __slots__ = ("channel", "conn", "last_sent", "member", "pending", "pending_bytes")
 
     def __init__(self, conn: Connection, channel: str) -> None:
         self.conn = conn
@@ -46,6 +47,7 @@ class Subscription:
         self.last_sent = 0
         self.pending: list[EncodedEvent] | None = []
         self.pending_bytes = 0
+        self.member = ""  # its key in the presence counts, fixed at subscribe (server/realtime/presence.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,7 @@ class Hub:
         self.replays = asyncio.Semaphore(max_replays)  # this process's replay budget
         self.replay_stall = replay_stall
         self.broker: Broker | None = None
+        self.presence: Presence | None = None
         self.channels: dict[str, dict[Connection, Subscription]] = {}
         self.connections: dict[Connection, None] = {}
         self.counts_changed = asyncio.Event()
@@ -110,9 +113,14 @@ class Hub:
         offset if history still reaches back, else start at the end, not recovered.
         """
         sub = Subscription(conn, channel)
+        first = channel not in self.channels
         self.channels.setdefault(channel, {})[conn] = sub
         conn.subscriptions[channel] = sub
         self.counts_changed.set()
+        if self.presence is not None:
+            if first:
+                self.presence.served(channel)
+            sub.member = self.presence.added(channel, conn.identity)
         try:
             if self.broker is not None:
                 await self.broker.serve(channel)
@@ -172,10 +180,14 @@ class Hub:
         if sub is None or subscribers is None:
             return
         subscribers.pop(conn, None)
+        if self.presence is not None:
+            self.presence.removed(channel, sub.member)
         if not subscribers:
             del self.channels[channel]
             if self.broker is not None:
                 self.broker.release(channel)
+            if self.presence is not None:
+                self.presence.released(channel)
         self.counts_changed.set()
 
     def counts(self) -> dict[str, int]:
@@ -199,6 +211,31 @@ class Hub:
             elif encoded.offset > sub.last_sent and not sub.conn.closed:
                 sub.conn.deliver(sub, encoded)
                 delivered[sub.conn.kind] += 1
+
+    def announce(self, channel: str, notices: list[tuple[str, EncodedNotice]]) -> int:
+        """Presence join/leave messages (member, notice) to this process's subscribers of the
+        channel, as one write per subscriber; a member's own subscriptions skip its notices.
+        Returns how many messages were written. Not events: nothing is buffered for replay and
+        no position moves."""
+        subscribers = self.channels.get(channel)
+        if not subscribers or not notices:
+            return 0
+        whole = EncodedNotice.joined([notice for _, notice in notices])
+        members = {member for member, _ in notices}
+        sent = 0
+        for sub in list(subscribers.values()):
+            if sub.conn.closed:
+                continue
+            if sub.member in members:
+                own = [notice for member, notice in notices if member != sub.member]
+                if not own:
+                    continue
+                sub.conn.send_notice(EncodedNotice.joined(own))
+                sent += len(own)
+            else:
+                sub.conn.send_notice(whole)
+                sent += len(notices)
+        return sent
 
     def close_slow(self, conn: Connection) -> None:
         if conn.closed:

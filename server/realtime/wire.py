@@ -12,6 +12,8 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+import orjson
+
 from server.events.store import StoredEvent
 
 
@@ -88,3 +90,27 @@ class EncodedEvent:
             tag = channel_set_tag((self.channel,))
             self._single_sse_chunk = http_chunk(sse_message(self.sse_data, encode_cursor(tag, [self.offset])))
         return self._single_sse_chunk
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedNotice:
+    """A message that is not an event (presence join/leave): no offset, no SSE id, so it moves
+    no cursor and is never replayed. Encoded once per change, shared by every subscriber."""
+
+    ws_frame: bytes
+    sse_message: bytes
+    sse_chunk: bytes
+
+    @classmethod
+    def of(cls, message: dict) -> EncodedNotice:
+        payload = orjson.dumps(message)
+        sse = sse_message(payload)
+        return cls(websocket_text_frame(payload), sse, http_chunk(sse))
+
+    @classmethod
+    def joined(cls, notices: list[EncodedNotice]) -> EncodedNotice:
+        """Several notices as one write: frames and SSE messages concatenate, in one HTTP chunk."""
+        if len(notices) == 1:
+            return notices[0]
+        sse = b"".join(n.sse_message for n in notices)
+        return cls(b"".join(n.ws_frame for n in notices), sse, http_chunk(sse))
