@@ -88,6 +88,16 @@ def main(argv: list[str]) -> int:
     except SettingsError as exc:
         print(f"herald: bad setting {exc}", file=sys.stderr)
         return 2
+    from server.storage.embedded_pg import EmbeddedPostgresError
+
+    try:
+        return run_command(settings, args)
+    except EmbeddedPostgresError as exc:  # one line naming the data dir and the cause, as for a bad setting
+        print(f"herald: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_command(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "migrate":
         return migrate(settings)
     if args.command == "createuser":

@@ -25,9 +25,11 @@ from server.errors import (
 from server.identity.auth import Identity
 from server.keys import identity_key, limiter_key, refusals_log_key, settings_key
 from server.limits.connections import Lease, Refused, open_connection
+from server.web.json_depth import nests_deeper_than
 from server.web.net import client_ip
 
-INTEGER = re.compile(r"-?[0-9]{1,19}")
+INTEGER = re.compile(r"-?[0-9]+")
+INTEGER_DIGITS = 19  # every integer Herald takes fits in 19 digits; longer ones are out of range
 CLOSE = {"Connection": "close"}  # the rest of a stalled body is not worth waiting for
 CONNECTION_RETRY_AFTER = 5  # seconds: a connection cap frees up when one of the caller's own closes
 
@@ -36,13 +38,18 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def decode_json(raw: bytes | str) -> Any:
+def decode_json(raw: bytes | str, max_depth: int) -> Any:
     """Standard JSON, exactly: the stdlib keeps integers of any size (orjson would round
-    them to floats) and NaN/Infinity, which are not JSON, are refused."""
+    them to floats) and NaN/Infinity, which are not JSON, are refused. Nesting past
+    `max_depth` (limits.json_depth) is refused before the recursive decoder sees it."""
     try:
-        return json.loads(raw, parse_constant=_refuse_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"Malformed JSON: {exc}") from None
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass") if isinstance(raw, bytes) else raw
+        if nests_deeper_than(text, max_depth):
+            raise BadRequest(f"Malformed JSON: nested deeper than {max_depth} levels")
+        return json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: a last line of defence; the depth check above should make it unreachable.
+        raise BadRequest(f"Malformed JSON: {type(exc).__name__ if isinstance(exc, RecursionError) else exc}") from None
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -69,7 +76,7 @@ async def read_json_object(request: web.Request, max_size: int | None = None) ->
         raise PayloadTooLarge(f"Request body is larger than {limit} bytes") from None
     except TimeoutError:
         raise RequestTimeout(f"The request body did not arrive within {timeout:g} s", headers=CLOSE) from None
-    value = decode_json(raw)
+    value = decode_json(raw, request.app[settings_key].limits.json_depth)
     if not isinstance(value, dict):
         raise ValidationError.field("body", "must be a JSON object")
     return value
@@ -91,14 +98,16 @@ async def expect_continue(request: web.Request) -> None:
 
 
 def query_int(request: web.Request, name: str, default: int | None, low: int, high: int) -> int | None:
-    """An integer query parameter within [low, high]; 422 naming it otherwise."""
+    """An integer query parameter within [low, high]: 400 if it is not an integer at all (a
+    malformed query, PROTOCOL §1), 422 naming it if it is one out of range (§4)."""
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
     if not INTEGER.fullmatch(raw):  # int() also takes " 5", "+5", "1_0" and non-ASCII digits
-        raise ValidationError.field(name, "must be an integer")
-    value = int(raw)
-    if not low <= value <= high:
+        problem = {"field": name, "message": "must be an integer"}
+        raise BadRequest(f"Query parameter {name} must be an integer", errors=[problem])
+    value = int(raw) if len(raw.lstrip("-")) <= INTEGER_DIGITS else None
+    if value is None or not low <= value <= high:
         raise ValidationError.field(name, f"must be between {low} and {high}")
     return value
 

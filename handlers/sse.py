@@ -13,7 +13,7 @@ from server.identity.auth import Identity
 from server.identity.permissions import check_permission
 from server.keys import hub_key, rules_key, settings_key
 from server.realtime.connections import SseConnection
-from server.realtime.hub import Hub
+from server.realtime.hub import Hub, Subscription
 from server.realtime.wire import decode_cursor, sse_message
 from server.storage.db import DATABASE_DOWN_ERRORS
 
@@ -48,32 +48,52 @@ async def stream(
     )
     if request.version >= (1, 1):
         response.enable_chunked_encoding()
-    await response.prepare(request)
     hub = request.app[hub_key]
     conn = SseConnection(hub, identity, response, request.transport, channels)
     # The client leaving, or the database going away, just ends the stream: the client resumes.
-    with contextlib.suppress(ConnectionError, *DATABASE_DOWN_ERRORS), hub.attached(conn):
-        await follow(hub, conn, channels, cursor)
+    with hub.attached(conn), contextlib.suppress(ConnectionError, *DATABASE_DOWN_ERRORS):
+        # PROTOCOL §10a: the stream is open when the headers arrive, and every event committed
+        # after that must reach it; so the starting positions are fixed before prepare(). Live
+        # events meanwhile buffer in the subscriptions.
+        try:
+            subscriptions = await subscribe_all(hub, conn, channels, cursor)
+        except DATABASE_DOWN_ERRORS:
+            # Not a 503: EventSource gives up on one, and comes back after a stream that ends.
+            await response.prepare(request)
+            await conn.send(RETRY)
+            raise
+        await response.prepare(request)
+        await start(hub, conn, subscriptions)
         await conn.done.wait()
     return response
 
 
-async def follow(hub: Hub, conn: SseConnection, channels: tuple[str, ...], cursor: str | None) -> None:
-    """Subscribe every channel where the cursor left it (or reset it), then replay and go live."""
+async def subscribe_all(
+    hub: Hub, conn: SseConnection, channels: tuple[str, ...], cursor: str | None
+) -> list[tuple[Subscription, bytes | None]]:
+    """Subscribe every channel where the cursor left it, or at its end with a `reset`."""
     positions = decode_cursor(cursor, channels)
-    await conn.send(RETRY)
     subscriptions = []
     for channel in channels:
         after = positions[channel] if positions is not None else None
         sub, resume = await hub.subscribe(conn, channel, after)
+        reset = None
         if not resume.recovered or (cursor and positions is None):
             # The reset says where the channel now stands, so a client can fill the gap
             # from history (and carries no id: it moves no cursor by itself).
-            reset = {"op": "reset", "channel": channel, "offset": resume.offset}
-            await conn.send(sse_message(orjson.dumps(reset)))
+            reset = sse_message(orjson.dumps({"op": "reset", "channel": channel, "offset": resume.offset}))
             sub.last_sent = resume.offset
         conn.position(channel, sub.last_sent)
-        subscriptions.append(sub)
+        subscriptions.append((sub, reset))
+    return subscriptions
+
+
+async def start(hub: Hub, conn: SseConnection, subscriptions: list[tuple[Subscription, bytes | None]]) -> None:
+    """The stream's first lines (retry, resets, the cursor), then each channel's replay."""
+    await conn.send(RETRY)
+    for _, reset in subscriptions:
+        if reset is not None:
+            await conn.send(reset)
     await conn.send(f"id: {conn.cursor()}\n\n".encode())  # sets lastEventId, fires no message
-    for sub in subscriptions:
+    for sub, _ in subscriptions:
         await hub.replay(sub)

@@ -9,9 +9,9 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from handlers.http import decode_json, identity_of, realtime_slot
-from server.errors import ApiError, BadRequest, Conflict, Forbidden, RateLimited, ValidationError
+from server.errors import ApiError, BadRequest, Conflict, Forbidden, PayloadTooLarge, RateLimited, ValidationError
 from server.events.store import validate_event
-from server.identity.permissions import check_permission, check_presence
+from server.identity.permissions import check_channel_name, check_permission, check_presence
 from server.keys import authenticator_key, hub_key, limiter_key, presence_key, rules_key, settings_key, store_key
 from server.limits.connections import Lease
 from server.limits.limiter import bucket_key, refusal
@@ -23,6 +23,8 @@ log = logging.getLogger("herald.ws")
 
 SCALARS = (str, int, float, bool, type(None))
 MAX_REFUSED_IN_A_ROW = 10  # publishes refused by the rate limit before the connection is closed (4429)
+# What a REST body holding only the event would add to its type and data: {"type":"","data":}
+EVENT_BODY_OVERHEAD = len('{"type":"","data":}')
 
 
 def frame(message: dict[str, Any]) -> bytes:
@@ -41,7 +43,8 @@ async def serve_websocket(request: web.Request, lease: Lease) -> web.WebSocketRe
     ws = web.WebSocketResponse(
         autoping=False,
         compress=settings.compression,
-        max_msg_size=settings.max_frame_bytes,
+        # aiohttp refuses a frame of exactly max_msg_size; PROTOCOL §10 accepts exactly the limit.
+        max_msg_size=settings.max_frame_bytes + 1,
     )
     await ws.prepare(request)
     hub = request.app[hub_key]
@@ -78,11 +81,12 @@ class Session:
         self.lease = lease  # the connection's place under the connection caps
         self.ip = client_ip(request, self.app[settings_key].server.trusted_proxies)
         self.refused_in_a_row = 0
+        self.json_depth = self.app[settings_key].limits.json_depth
 
     async def handle(self, text: str) -> None:
         message_id = None
         try:
-            message = parse(text)
+            message = parse(text, self.json_depth)
             message_id = message.get("id")
             op = message.get("op")
             handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
@@ -93,6 +97,10 @@ class Session:
             await self.reply_error(message_id, exc.code, exc.detail or exc.title)
         except DATABASE_DOWN_ERRORS:
             await self.reply_error(message_id, "unavailable", "The database is unavailable; try again shortly")
+        except Exception:
+            # A bug must cost one reply, never the connection's message loop (PROTOCOL §10: it stays open).
+            log.exception("unhandled error in a WebSocket op", extra={"connection": self.conn.id})
+            await self.reply_error(message_id, "internal_error", "An internal error occurred")
 
     async def reply(self, message_id: Any, op: str = "ok", **fields: Any) -> None:
         await self.conn.send_json(frame({"op": op, "id": message_id, **fields}))
@@ -143,8 +151,7 @@ class Session:
 
     async def op_unsubscribe(self, message: dict[str, Any], message_id: Any) -> None:
         channel = message.get("channel")
-        if not isinstance(channel, str):
-            raise ValidationError.field("channel", "is required")
+        check_channel_name(channel)  # as subscribe does (PROTOCOL §10 §3)
         self.app[hub_key].unsubscribe(self.conn, channel)
         await self.reply(message_id, channel=channel)
 
@@ -171,16 +178,24 @@ class Session:
         check_permission(self.conn.identity, "publish", channel, self.app[rules_key])
         self.check_rate()
         event_type, data = validate_event({k: v for k, v in message.items() if k in ("type", "data")})
+        limit = self.app[settings_key].limits.body_bytes
+        if EVENT_BODY_OVERHEAD + len(event_type) + len(data.encode()) > limit:
+            raise PayloadTooLarge(f"The event is larger than {limit} bytes (limits.body_bytes, as over REST)")
         event, _ = await self.app[store_key].publish(channel, event_type, data)
         await self.conn.send_json(
             b'{"op":"ok","id":' + orjson.dumps(message_id) + b',"event":' + event.json.encode() + b"}"
         )
 
 
-def parse(text: str) -> dict[str, Any]:
-    message = decode_json(text)
+def parse(text: str, max_depth: int) -> dict[str, Any]:
+    message = decode_json(text, max_depth)
     if not isinstance(message, dict):
         raise BadRequest("A message must be a JSON object with an op")
-    if not isinstance(message.get("id"), SCALARS):
+    message_id = message.get("id")
+    if not isinstance(message_id, SCALARS):
         raise BadRequest("id must be a JSON scalar")
+    try:
+        orjson.dumps(message_id)  # echoed in the reply: a lone surrogate or a huge integer could not be
+    except orjson.JSONEncodeError:
+        raise BadRequest("id must be a string of valid Unicode or a 64-bit number") from None
     return message

@@ -24,6 +24,7 @@ from middlewares.security import security_headers
 from server.keys import request_id_key
 from server.ops.logs import AccessLog, request_id_var
 from server.ops.metrics import Metrics
+from server.process.drain import Drain
 
 Hook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
 Middleware = Callable[[web.Request, Callable], Awaitable[web.StreamResponse]]
@@ -58,12 +59,15 @@ def front_door(metrics: Metrics, access_log: AccessLog) -> Middleware:
     return front_door_middleware
 
 
-def response_headers(trusted_proxies: Sequence[str]) -> Hook:
+def response_headers(trusted_proxies: Sequence[str], drain: Drain | None = None) -> Hook:
+    """`drain`: a retiring worker's last responses say Connection: close (server/process/drain.py)."""
     add_security_headers = security_headers(trusted_proxies)
 
     async def add_response_headers(request: web.Request, response: web.StreamResponse) -> None:
         set_request_id_header(request, response)
         add_security_headers(request, response)
         add_ratelimit_headers(request, response)
+        if drain is not None and drain.active:
+            drain.last_response(response)
 
     return add_response_headers

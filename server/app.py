@@ -12,6 +12,7 @@ from aiohttp import web
 from handlers import auth, batch, channels, events, health, metrics, openapi, revocations, sse, static, users, ws
 from handlers.http import expect_continue
 from middlewares.auth import herald_session_middleware
+from middlewares.cors import cors_on_router_errors
 from middlewares.front_door import front_door, response_headers
 from server.identity.auth import TokenService
 from server.identity.identify import Authenticator
@@ -23,6 +24,7 @@ from server.identity.users import UserStore
 from server.keys import (
     access_log_key,
     authenticator_key,
+    drain_key,
     issuers_key,
     limiter_key,
     metrics_key,
@@ -40,6 +42,7 @@ from server.limits.limiter import RateLimiter
 from server.ops.logs import AccessLog
 from server.ops.metrics import Metrics
 from server.ops.throttle import ThrottledLog
+from server.process.drain import Drain
 from server.realtime.engine import close_connections, realtime_ctx
 from server.settings import Settings
 from server.storage import db
@@ -76,7 +79,8 @@ def create_app(
     app.cleanup_ctx.append(realtime_ctx)
     app.on_shutdown.append(close_connections)
 
-    app.on_response_prepare.append(response_headers(settings.server.trusted_proxies))
+    app[drain_key] = Drain()
+    app.on_response_prepare.append(response_headers(settings.server.trusted_proxies, app[drain_key]))
     app.on_cleanup.append(flush_access_log)
 
     add_routes(app)
@@ -149,3 +153,5 @@ def enable_cors(app: web.Application, settings: Settings) -> None:
     for route in list(app.router.routes()):
         if not isinstance(route.resource, web.StaticResource):
             cors.add(route)
+    # After aiohttp-cors's own hook, so it only fills in what that one left out.
+    app.on_response_prepare.append(cors_on_router_errors(settings.cors.origins, EXPOSED_HEADERS))

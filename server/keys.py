@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from server.ops.logs import AccessLog
     from server.ops.metrics import Metrics
     from server.ops.throttle import ThrottledLog
+    from server.process.drain import Drain
     from server.realtime.hub import Hub
     from server.realtime.presence import Presence
     from server.realtime.roster import Roster
@@ -45,6 +46,7 @@ limiter_key: web.AppKey[RateLimiter] = web.AppKey("limiter_key")
 metrics_key: web.AppKey[Metrics] = web.AppKey("metrics_key")
 static_key: web.AppKey[StaticFiles] = web.AppKey("static_key")
 access_log_key: web.AppKey[AccessLog] = web.AppKey("access_log_key")
+drain_key: web.AppKey[Drain] = web.AppKey("drain_key")
 refusals_log_key: web.AppKey[ThrottledLog] = web.AppKey("refusals_log_key")  # caps and guards that refuse
 
 # Per-request state, set by the middlewares.

@@ -134,6 +134,7 @@ class LimitsSettings:
     connections_per_ip: int = 256
     connections_per_identity: int = 64
     channels_per_connection: int = 128
+    json_depth: int = 64  # deepest nesting of arrays/objects accepted in a JSON body or WebSocket message
     batch_events: int = 1000  # events of one POST /api/events, channels of one POST /api/broadcast
     batch_body_bytes: int = 1048576  # body limit of those two endpoints (instead of body_bytes)
 
@@ -194,6 +195,9 @@ SECTIONS: dict[str, type] = {
     for f in dataclasses.fields(Settings)
     if f.name != "channels"
 }
+
+# The decoders (stdlib json, orjson's encoder) recurse; far below their limits.
+MAX_JSON_DEPTH = 255
 
 # Numeric keys that may be zero; every other number must be positive.
 ZERO_ALLOWED = {"limits.rate", "cors.max_age", "server.max_connections", "realtime.presence_grace"}
@@ -462,6 +466,8 @@ def _check_cross_field(settings: Settings) -> None:
         raise SettingsError("auth.bcrypt_rounds", "must be between 4 and 31")
     if settings.limits.burst < 1:
         raise SettingsError("limits.burst", "must be at least 1")
+    if not 1 <= settings.limits.json_depth <= MAX_JSON_DEPTH:
+        raise SettingsError("limits.json_depth", f"must be between 1 and {MAX_JSON_DEPTH}")
     for proxy in settings.server.trusted_proxies:
         try:
             ipaddress.ip_network(proxy, strict=False)

@@ -76,10 +76,11 @@ class Herald:
         name: str = "herald",
         secrets_dir: Path | None = None,
         limits: dict[str, Any] | None = None,
-        extra_settings: str = "",
         rules: str = CHANNEL_RULES,
         env: dict[str, str] | None = None,
+        extra_settings: str = "",
     ) -> Herald:
+        """`database_url` "" means the embedded PostgreSQL (pass HERALD_DATABASE_DATA_DIR in `env`)."""
         directory.mkdir(parents=True, exist_ok=True)
         settings = write_settings(directory / f"{name}.toml", limits, extra_settings, rules)
         port = free_port()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -143,17 +144,45 @@ async def test_bootstrap_does_nothing_when_a_user_exists(users):
 @pytest.mark.parametrize(
     "environ",
     [
-        {},
         {"HERALD_ADMIN_USERNAME": "boss"},
         {"HERALD_ADMIN_PASSWORD": PASSWORD},
         {"HERALD_ADMIN_USERNAME": "", "HERALD_ADMIN_PASSWORD": PASSWORD},
         {"HERALD_ADMIN_USERNAME": "boss", "HERALD_ADMIN_PASSWORD": ""},
-        {"ADMIN_USERNAME": "boss", "ADMIN_PASSWORD": PASSWORD},
     ],
 )
-async def test_bootstrap_does_nothing_without_both_variables(users, environ):
+async def test_bootstrap_does_nothing_with_only_one_variable(users, environ):
     await bootstrap_admin(users, environ)
     assert await users.count() == 0
+
+
+@pytest.mark.parametrize("environ", [{}, {"ADMIN_USERNAME": "boss", "ADMIN_PASSWORD": PASSWORD}])
+async def test_a_first_start_without_variables_creates_admin_with_a_random_password_shown_once(users, environ):
+    """Issue 10: the README's first command must start a server someone can sign in to."""
+    shown: list[tuple[str, str]] = []
+    await bootstrap_admin(users, environ, announce=lambda *pair: shown.append(pair))
+    [(username, password)] = shown
+    assert username == "admin"
+    assert len(password) >= 20
+    user = await users.authenticate("admin", password)
+    assert user is not None
+    assert user.roles == ("admin",)
+    await bootstrap_admin(users, environ, announce=lambda *pair: shown.append(pair))
+    assert len(shown) == 1  # never again
+    assert await users.count() == 1
+
+
+async def test_the_generated_password_is_one_line_on_stderr_and_not_in_the_logs(users, capsys, caplog):
+    await bootstrap_admin(users, {})
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if "first start" in line]
+    entry = json.loads(line)  # stderr stays JSON lines (PROTOCOL §7)
+    assert (entry["level"], entry["logger"]) == ("warning", "herald.first_start")
+    message = entry["message"]
+    assert message.startswith("*")
+    assert message.endswith("*")
+    password = message.split("with password ")[1].split("'")[1]
+    assert await users.authenticate("admin", password) is not None
+    assert password not in caplog.text  # not through logging
 
 
 async def test_bootstrap_validates_like_any_new_user(users):

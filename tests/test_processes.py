@@ -625,3 +625,141 @@ async def test_presence_spans_the_workers_and_a_killed_worker_takes_its_entries_
 
 async def presence_is(read: Callable[[], Awaitable[Any]], expected: Any) -> bool:
     return await read() == expected
+
+
+# --- issue 10: every fault at once, answers stay honest --------------------------------
+
+
+class KeepAlivePublisher:
+    """Publishes on one keep-alive connection, without an Idempotency-Key, and keeps every answer."""
+
+    def __init__(self, herald: Herald, token: str, name: str) -> None:
+        self.herald = herald
+        self.token = token
+        self.name = name
+        self.stored: dict[str, int] = {}  # data -> offset, for each 201
+        self.refused_5xx: list[tuple[str, int]] = []
+        self.cuts: list[tuple[float, str]] = []  # (when, what): a request sent and never answered
+        self.sent = 0
+
+    async def run(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.sent += 1
+            data = f"{self.name}-{self.sent}"
+            try:
+                async with session.post(
+                    self.herald.url(f"/api/channels/{CHANNEL}/events"), json={"data": data}, headers=bearer(self.token)
+                ) as resp:
+                    body = await resp.read()
+                    if resp.status == 201:
+                        self.stored[data] = orjson.loads(body)["offset"]
+                    elif resp.status >= 500:
+                        self.refused_5xx.append((data, resp.status))
+                    else:
+                        raise AssertionError(f"{data}: {resp.status} {body!r}")
+            except aiohttp.ClientConnectorError:
+                pass  # never reached a worker
+            except NETWORK_ERRORS as exc:
+                self.cuts.append((time.monotonic(), f"{data}: {exc!r}"))
+            await asyncio.sleep(0.01)
+
+
+async def readyz_ok(herald: Herald) -> bool:
+    async with fresh_connections(total=2) as session:
+        with contextlib.suppress(*NETWORK_ERRORS):
+            async with session.get(herald.url("/readyz")) as resp:
+                return resp.status == 200
+    return False
+
+
+async def test_faults_together_lose_nothing_store_no_refused_publish_and_cut_no_request(launch, postgres):
+    """kill -9 a worker, restart PostgreSQL, SIGHUP, under keep-alive publishers and WS+SSE subscribers."""
+    postgres.require_embedded()
+    herald = await launch(workers=2)
+    tokens = await make_users(herald.base)
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task[Any]] = []
+    publishers = [KeepAlivePublisher(herald, tokens.publisher, f"p{n}") for n in range(3)]
+    kill_window: tuple[float, float] = (0.0, 0.0)
+    async with (
+        fresh_connections(total=None) as subscribe_session,
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), timeout=aiohttp.ClientTimeout(total=15)) as keep,
+    ):
+        try:
+            subscribers = [Subscriber(herald, subscribe_session, "ws", f"ws{n}") for n in range(2)]
+            subscribers += [Subscriber(herald, subscribe_session, "sse", f"sse{n}") for n in range(2)]
+            tasks += [asyncio.create_task(s.run(), name=s.name) for s in subscribers]
+            await wait_for(lambda: all(s.client_port for s in subscribers), timeout=20)
+            tasks += [asyncio.create_task(p.run(keep, stop), name=p.name) for p in publishers]
+
+            def published() -> int:
+                return sum(len(p.stored) for p in publishers)
+
+            async def progress(more: int) -> None:
+                target = published() + more
+
+                async def reached() -> bool:
+                    await first_done(tasks)
+                    return published() >= target
+
+                await wait_for(reached, timeout=30)
+
+            await progress(50)
+            # 1. kill -9 a worker: what it held is cut (it cannot answer); it is replaced.
+            victim = sorted(herald.worker_pids())[0]
+            survivors = herald.worker_pids() - {victim}
+            killed_at = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+            await wait_for(lambda: len(herald.worker_pids() - survivors) == 1, timeout=15)
+            await herald.wait_ready()
+            kill_window = (killed_at, time.monotonic() + 1.0)
+            await progress(50)
+
+            # 2. restart PostgreSQL: publishes answer 503 meanwhile, /readyz is 200 within 1 s of it being back.
+            postgres.stop()
+            try:
+                await wait_for(lambda: any(p.refused_5xx for p in publishers), timeout=15)
+            finally:
+                postgres.start()
+            back = time.monotonic()
+            await wait_for(lambda: readyz_ok(herald), timeout=10, interval=0.05)
+            ready_in = time.monotonic() - back
+            assert ready_in < 1.0, f"/readyz 200 only {ready_in:.2f}s after the database was back"
+            await progress(50)
+
+            # 3. SIGHUP: every worker replaced; no request that reached one is cut.
+            old = herald.worker_pids()
+            herald.signal(signal.SIGHUP)
+            await wait_for(lambda: len(new := herald.worker_pids()) == 2 and new.isdisjoint(old), timeout=60)
+            await progress(50)
+        finally:
+            stop.set()
+            await asyncio.gather(*(t for t in tasks if t.get_name().startswith("p")), return_exceptions=True)
+
+        try:
+            async with aiohttp.ClientSession() as session:
+                stored = await history(session, herald.base, CHANNEL)
+            offsets = [e["offset"] for e in stored]
+            assert offsets == list(range(1, len(offsets) + 1))
+            by_data = {e["data"]: e["offset"] for e in stored}
+            answered_201 = {data: offset for p in publishers for data, offset in p.stored.items()}
+            assert {d: by_data.get(d) for d in answered_201} == answered_201  # each 201 stored, where it said
+            refused = [data for p in publishers for data, _ in p.refused_5xx]
+            assert all(status == 503 for p in publishers for _, status in p.refused_5xx)
+            assert not [d for d in refused if d in by_data], "a publish answered 5xx was stored"
+            cuts = [(when, what) for p in publishers for when, what in p.cuts]
+            outside_the_kill = [what for when, what in cuts if not kill_window[0] <= when <= kill_window[1]]
+            assert not outside_the_kill, f"requests cut outside the kill -9: {outside_the_kill}"
+
+            async def caught_up() -> bool:
+                await first_done(tasks[: len(subscribers)])
+                return all(s.seen and s.seen[-1] >= offsets[-1] for s in subscribers)
+
+            await wait_for(caught_up, timeout=30)
+            for s in subscribers:  # every stored event exactly once, in order, on both transports
+                assert s.seen == offsets, f"{s.name} saw {len(s.seen)} of {len(offsets)}: drops {s.drops}"
+            print(f"stored {len(offsets)}; 503s {len(refused)}; cut by the kill {len(cuts)}; ready {ready_in:.2f}s")
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

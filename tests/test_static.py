@@ -225,3 +225,13 @@ def test_build_rewrites_pages_to_the_current_fingerprint(tmp_path):
     assert second.lookup(second.plain["app.js"]) == (tmp_path.resolve() / "build" / second.plain["app.js"], True)
     assert (tmp_path / "build" / (second.plain["app.js"] + ".br")).exists()
     assert not (tmp_path / "build" / (second.plain["app.css"] + ".gz")).exists()  # too small to bother
+
+
+async def test_the_sign_in_page_says_how_to_get_a_user(client):
+    """Issue 10: a newcomer facing the sign-in form learns where the first admin comes from."""
+    text = await (await client.get("/")).text()
+    help_start = text.index('id="login-help"')
+    help_text = text[help_start : text.index("</p>", help_start)]
+    assert "admin" in help_text
+    assert "standard error" in help_text
+    assert "createuser" in help_text

@@ -890,3 +890,30 @@ async def test_websocket_publishes_share_the_rest_bucket_and_a_flood_is_closed_4
     assert await ws.closed_with() == 4429
     history = await (await client.get("/api/channels/public:flood/events")).json()
     assert [e["data"] for e in history["items"]] == [1, 2, 3]
+
+
+async def test_a_slow_consumer_gets_4008_right_behind_what_the_transport_holds(aiohttp_client, make_settings, settings):
+    """Issue 10: once judged slow, nothing more is queued for it and what Herald still held is
+    dropped, so the close frame is not stuck behind a megabyte of stale events."""
+    client = await aiohttp_client(create_app(make_settings({"realtime": {"outbound_buffer": 1048576}})))
+    hub = client.app[hub_key]
+    token = await publisher_token(client)
+    slow = await slow_consumer(client)
+    [conn] = list(hub.connections)
+    try:
+        await flood(client, hub, token, "public:firehose")
+        assert hub.slow_closes == 1
+        # In Herald's hands: at most the soft limit, one event frame and the close frame.
+        assert conn.transport.get_write_buffer_size() <= hub.soft_limit + 33000 + 64
+        seen = []
+        async with asyncio.timeout(DEADLINE * 3):
+            while True:
+                opcode, payload = await slow.frame()
+                if opcode != 0x1:
+                    break
+                seen.append(orjson.loads(payload)["offset"])
+        assert opcode == 0x8
+        assert struct.unpack("!H", payload[:2])[0] == 4008
+        assert seen == list(range(1, len(seen) + 1))
+    finally:
+        slow.close()

@@ -10,6 +10,7 @@ So the hub sees every committed event exactly once, in offset order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -48,6 +49,8 @@ class Broker:
         self._queue: asyncio.Queue[tuple] = asyncio.Queue()
         self._ready: dict[str, asyncio.Future[None]] = {}
         self._lost = asyncio.Event()
+        self._wake = asyncio.Event()
+        self.retry_in = 0.0  # while disconnected: the backoff of the wait before the next attempt
         self.side_channels: dict[str, Callable[[str], None]] = {}  # other NOTIFY channels and their readers
         self.reconnected: list[Callable[[], None]] = []  # told after each (re)connect: notifications may be lost
 
@@ -67,6 +70,12 @@ class Broker:
         except TimeoutError:
             return False
         return True
+
+    def wake(self) -> None:
+        """The pool reached the database: reconnect now, not after a backoff grown during an
+        outage (it reached seconds, and /readyz stayed 503 that long after the database was back)."""
+        if not self.connected:
+            self._wake.set()
 
     # what the hub asks
 
@@ -115,7 +124,10 @@ class Broker:
                 self._connected.clear()
                 if conn is not None and not conn.is_closed():
                     conn.terminate()
-            await asyncio.sleep(backoff)
+            self.retry_in = backoff
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _watch(self, conn: asyncpg.Connection) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from server.errors import Unavailable, ValidationError
-from server.storage.db import DATABASE_DOWN_ERRORS
+from server.storage.db import DATABASE_DOWN_ERRORS, committed_connection
 
 log = logging.getLogger("herald.committer")
 
@@ -159,9 +159,10 @@ class GroupCommitter:
                 datas.append(item.data)
                 keys.append(request.key)
                 prints.append(request.fingerprint)
-        return await self.pool.fetch(
-            PUBLISH_BATCH_SQL, requests, channels, types, datas, keys, prints, self.wait_ms, skip_locked
-        )
+        async with committed_connection(self.pool) as conn:  # committed: answered, whatever breaks after
+            return await conn.fetch(
+                PUBLISH_BATCH_SQL, requests, channels, types, datas, keys, prints, self.wait_ms, skip_locked
+            )
 
 
 def _split(batch: list[Request], rows: list[asyncpg.Record]) -> list[list[Outcome]]:

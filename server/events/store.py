@@ -15,6 +15,7 @@ import orjson
 from server.errors import Conflict, ValidationError
 from server.events.committer import GroupCommitter, Item, channel_busy
 from server.settings import EventsSettings
+from server.storage.db import committed_connection
 
 NOTIFY_LIMIT = 7900  # bytes; PostgreSQL refuses payloads of 8000 and more (store_event keeps to it)
 EVENT_TYPE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -154,16 +155,17 @@ class EventStore:
         key_print = hashlib.sha256(orjson.dumps(items)).digest()
         channels, types, datas = (list(column) for column in zip(*items, strict=True))
         try:
-            row = await self.pool.fetchrow(
-                "SELECT out_status, out_response FROM publish_request($1, $2, $3, $4, $5, $6, $7)",
-                scope,
-                key,
-                key_print,
-                channels,
-                types,
-                datas,
-                self.committer.wait_ms,
-            )
+            async with committed_connection(self.pool) as conn:  # committed: answered, whatever breaks after
+                row = await conn.fetchrow(
+                    "SELECT out_status, out_response FROM publish_request($1, $2, $3, $4, $5, $6, $7)",
+                    scope,
+                    key,
+                    key_print,
+                    channels,
+                    types,
+                    datas,
+                    self.committer.wait_ms,
+                )
         except asyncpg.exceptions.LockNotAvailableError:
             raise channel_busy() from None
         if row["out_status"] == "conflict":

@@ -150,10 +150,15 @@ def may(identity: Identity | None, action: Action, channel: str, rules: Iterable
     return "owner" in allowed and sub is not None and sub == identity.id
 
 
-def check_permission(identity: Identity | None, action: Action, channel: str, rules: Iterable[CompiledRule]) -> None:
-    """Raise unless allowed: 422 for a bad name, 401 without credentials, 403 with them."""
+def check_channel_name(channel: object) -> None:
+    """422 (`validation_error` on WebSocket) for a name no channel can have."""
     if not is_valid_channel(channel):
         raise ValidationError.field("channel", "must be 1 to 128 characters of A-Z a-z 0-9 _ . : @ -")
+
+
+def check_permission(identity: Identity | None, action: Action, channel: str, rules: Iterable[CompiledRule]) -> None:
+    """Raise unless allowed: 422 for a bad name, 401 without credentials, 403 with them."""
+    check_channel_name(channel)
     if may(identity, action, channel, rules):
         return
     if identity is None:

@@ -13,6 +13,7 @@ import asyncpg
 from server.errors import Conflict, ValidationError
 from server.identity.auth import check_password, hash_password, password_problem
 from server.limits.hashing import HashingQueue
+from server.storage.db import is_storable_text
 
 if TYPE_CHECKING:
     from server.identity.revocations import Revocations
@@ -52,6 +53,8 @@ def validate_new_user(username: Any, password: Any, roles: Any) -> tuple[str, st
         problems.append({"field": "username", "message": "must be 1 to 64 characters of A-Z a-z 0-9 _ . @ -"})
     if not isinstance(password, str):
         problems.append({"field": "password", "message": "must be a string"})
+    elif not is_storable_text(password):  # bcrypt would take NUL; a lone surrogate has no bytes to hash
+        problems.append({"field": "password", "message": "must be text without NUL characters or lone surrogates"})
     elif problem := password_problem(password):
         problems.append({"field": "password", "message": problem})
     if roles is None:
@@ -138,6 +141,11 @@ class UserStore:
 
     async def authenticate(self, username: str, password: str) -> User | None:
         """The active user with these credentials, or None, at the same cost either way."""
+        if not (is_storable_text(username) and is_storable_text(password)):
+            # No user can have such a name or password (PostgreSQL refuses NUL in text), so
+            # these are wrong credentials: a 401 at the usual cost, not an error from asyncpg.
+            await check_password("not-a-real-password", await self._hash_for_unknown_users())
+            return None
         row = await self.pool.fetchrow(
             f"SELECT {USER_COLUMNS}, password_hash FROM users WHERE lower(username) = lower($1)", username
         )

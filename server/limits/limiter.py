@@ -125,7 +125,7 @@ class RateLimiter:
 
         @functools.lru_cache(maxsize=65536)
         def key_hash(key: str) -> int:
-            digest = hashlib.blake2b(key.encode(), digest_size=8, key=salt).digest()
+            digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8, key=salt).digest()
             return int.from_bytes(digest, "little", signed=True) or 1
 
         self.key_hash = key_hash

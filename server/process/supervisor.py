@@ -7,9 +7,11 @@ import contextlib
 import ctypes
 import logging
 import os
+import secrets
 import select
 import signal
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -66,9 +68,32 @@ async def with_user_store(settings: Settings, action: Callable[[UserStore], Awai
         await pool.close()
 
 
-async def bootstrap_admin(users: UserStore, environ: Mapping[str, str]) -> None:
-    """First start: HERALD_ADMIN_USERNAME / _PASSWORD create an admin if there are no users."""
+FIRST_ADMIN = "admin"
+
+
+def announce_first_admin(username: str, password: str) -> None:
+    """The generated password, once, on stderr only: one JSON line like every other there
+    (PROTOCOL §7), its message framed so it stands out, but written directly, not through
+    logging, whose handlers may ship lines elsewhere; a start that finds a user never shows it."""
+    banner = "*" * 12
+    message = (
+        f"{banner} first start: created the admin user {username!r} with password {password!r};"
+        f" it is shown only this once: sign in and replace it (README, First start) {banner}"
+    )
+    record = logging.makeLogRecord({"name": "herald.first_start", "levelno": logging.WARNING, "msg": message})
+    record.levelname = "WARNING"
+    print(logs.JsonFormatter().format(record), file=sys.stderr, flush=True)
+
+
+async def bootstrap_admin(
+    users: UserStore, environ: Mapping[str, str], announce: Callable[[str, str], None] = announce_first_admin
+) -> None:
+    """First start, no user yet: HERALD_ADMIN_USERNAME / _PASSWORD create an admin; with neither
+    set, the admin `admin` gets a random password, announced once (so a newcomer can sign in)."""
     username, password = environ.get("HERALD_ADMIN_USERNAME"), environ.get("HERALD_ADMIN_PASSWORD")
+    generated = not username and not password
+    if generated:
+        username, password = FIRST_ADMIN, secrets.token_urlsafe(18)
     if not username or not password or await users.count() > 0:
         return
     username, password, roles = validate_new_user(username, password, ["admin"])
@@ -77,6 +102,8 @@ async def bootstrap_admin(users: UserStore, environ: Mapping[str, str]) -> None:
     except Conflict:  # another instance sharing the database created it first
         return
     log.info("created the first admin %s", username)
+    if generated:
+        announce(username, password)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

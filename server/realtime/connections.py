@@ -3,6 +3,13 @@
 deliver() is the hot path: one synchronous transport.write of bytes shared by every
 subscriber, then a look at the transport's backlog. Everything else (replies, replay,
 closing) goes through aiohttp's own writers, which pace themselves.
+
+Once a transport holds more than the hub's soft limit unsent, further events wait in the
+connection's own backlog, which a flusher feeds to the transport as it drains. So when the
+connection is judged slow, what is still in Herald's hands is dropped at once and the 4008
+close frame goes right behind the little the transport holds: the client gets it promptly
+once it reads again, instead of after a megabyte of stale events (or never: the close
+used to be aborted 5 s later).
 """
 
 from __future__ import annotations
@@ -10,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import struct
 import time
+from collections import deque
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +42,8 @@ if TYPE_CHECKING:
     from server.realtime.hub import Hub, Subscription
 
 CLOSE_TIMEOUT = 5.0
+SLOW_CLOSE_TIMEOUT = 60.0  # a slow client gets this long to read up to its 4008 before the abort
+FLUSH_POLL = 0.01  # how often a backlogged connection looks whether its transport drained
 SSE_PING = b": ping\n\n"
 SSE_PING_CHUNK = http_chunk(SSE_PING)
 PING_FRAME = b"\x89\x00"  # a WebSocket ping with no payload, the same bytes for everyone
@@ -40,7 +51,20 @@ PING_FRAME = b"\x89\x00"  # a WebSocket ping with no payload, the same bytes for
 
 class Connection:
     kind = "connection"
-    __slots__ = ("__weakref__", "_expiry", "_tasks", "closed", "hub", "id", "identity", "subscriptions", "transport")
+    __slots__ = (
+        "__weakref__",
+        "_backlog",
+        "_backlog_bytes",
+        "_expiry",
+        "_flusher",
+        "_tasks",
+        "closed",
+        "hub",
+        "id",
+        "identity",
+        "subscriptions",
+        "transport",
+    )
 
     def __init__(self, hub: Hub, identity: Identity | None, transport: asyncio.Transport) -> None:
         self.hub = hub
@@ -51,6 +75,9 @@ class Connection:
         self.closed = False
         self._tasks: set[asyncio.Task[Any]] | None = None  # made on first use: most never need one
         self._expiry: asyncio.TimerHandle | None = None
+        self._backlog: deque[bytes] | None = None  # events waiting for the transport to drain
+        self._backlog_bytes = 0
+        self._flusher: asyncio.Task[None] | None = None
         self._watch_expiry()
 
     def set_identity(self, identity: Identity) -> None:
@@ -77,8 +104,42 @@ class Connection:
         return task
 
     def _check_backlog(self) -> None:
-        if self.transport.get_write_buffer_size() > self.hub.outbound_limit:
+        if self.transport.get_write_buffer_size() + self._backlog_bytes > self.hub.outbound_limit:
             self.hub.close_slow(self)
+
+    def _write(self, data: bytes) -> None:
+        """Straight to the transport while it keeps up; past the soft limit, into the backlog."""
+        if self._backlog is None and self.transport.get_write_buffer_size() < self.hub.soft_limit:
+            self.transport.write(data)
+            return
+        if self._backlog is None:
+            self._backlog = deque()
+        self._backlog.append(data)
+        self._backlog_bytes += len(data)
+        if self._flusher is None:
+            self._flusher = self.spawn(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._backlog:
+                if self.transport.is_closing():
+                    return
+                if self.transport.get_write_buffer_size() >= self.hub.soft_limit:
+                    await asyncio.sleep(FLUSH_POLL)
+                    continue
+                data = self._backlog.popleft()
+                self._backlog_bytes -= len(data)
+                self.transport.write(data)
+            self._backlog = None  # drained: the hot path writes directly again, in order
+        finally:
+            self._flusher = None
+
+    def _drop_backlog(self) -> None:
+        """Judged slow: what Herald still holds for it is never sent."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+        self._backlog = None
+        self._backlog_bytes = 0
 
     def ended(self) -> None:
         """The handler is leaving: stop timers and tasks."""
@@ -132,7 +193,7 @@ class WebSocketConnection(Connection):
         self.awaiting_pong = False
 
     def deliver(self, sub: Subscription, event: EncodedEvent) -> None:
-        self.transport.write(event.ws_frame)
+        self._write(event.ws_frame)
         sub.last_sent = event.offset
         self._check_backlog()
 
@@ -171,6 +232,21 @@ class WebSocketConnection(Connection):
         except (TimeoutError, ConnectionError):
             self.transport.abort()
 
+    def close_slow(self) -> None:
+        """Drop the backlog and put the 4008 frame right behind what the transport holds; the
+        transport closes once it has handed everything to the kernel (the client reads it
+        all, then the close), or is aborted if the client never reads again."""
+        if self.closed:
+            return
+        self.closed = True
+        self._drop_backlog()
+        if self.transport.is_closing():
+            return
+        self.transport.write(close_frame(4008, b"slow consumer"))
+        self.transport.close()  # flushes first, then FIN
+        loop = asyncio.get_running_loop()
+        loop.call_later(SLOW_CLOSE_TIMEOUT, self.transport.abort)
+
 
 class SseConnection(Connection):
     """An SSE stream; its cursor (`id:`) holds its position in every channel it follows."""
@@ -208,7 +284,7 @@ class SseConnection(Connection):
             data = sse_message(event.sse_data, self.cursor())
             if self.chunked:
                 data = http_chunk(data)
-        self.transport.write(data)
+        self._write(data)
         sub.last_sent = event.offset
         self._check_backlog()
 
@@ -228,10 +304,12 @@ class SseConnection(Connection):
 
     def ping(self) -> None:
         """The keep-alive comment, and the only way to learn that an idle client left."""
+        if not self.response.prepared:
+            return  # still fixing its starting positions: no headers sent yet (handlers/sse.py)
         if self.transport is None or self.transport.is_closing():
             self.close(1000, "client left")
             return
-        self.transport.write(SSE_PING_CHUNK if self.chunked else SSE_PING)
+        self._write(SSE_PING_CHUNK if self.chunked else SSE_PING)
         self._check_backlog()
 
     def close(self, code: int, reason: str) -> None:
@@ -241,6 +319,7 @@ class SseConnection(Connection):
         self.done.set()
 
     def close_slow(self) -> None:
+        self._drop_backlog()
         self.close(4008, "slow consumer")
         with contextlib.suppress(Exception):
             self.transport.abort()
@@ -248,3 +327,9 @@ class SseConnection(Connection):
     def subscription_forbidden(self, channel: str) -> None:
         """A stream's channels are fixed: one it may no longer follow ends the stream."""
         self.close(4403, f"forbidden: {channel}")
+
+
+def close_frame(code: int, reason: bytes) -> bytes:
+    """A server's WebSocket close frame (unmasked; control frames are never compressed)."""
+    payload = struct.pack("!H", code) + reason[:123]
+    return bytes([0x88, len(payload)]) + payload

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -64,6 +64,9 @@ class Hub:
     ) -> None:
         self.store = store
         self.outbound_limit = outbound_limit
+        # Unsent bytes a transport may hold before events wait in the connection's own backlog
+        # (server/realtime/connections.py), which a slow close can still drop.
+        self.soft_limit = max(16384, outbound_limit // 8)
         self.replays = asyncio.Semaphore(max_replays)  # this process's replay budget
         self.replay_stall = replay_stall
         self.broker: Broker | None = None
@@ -73,6 +76,9 @@ class Hub:
         self.counts_changed = asyncio.Event()
         self.delivered: Counter[str] = Counter()  # per transport kind
         self.slow_closes = 0
+        # Tests only: awaited inside subscribe(), after registering and before reading where the
+        # channel stands, so a test can hold a subscription there and make the start race happen.
+        self.subscribe_hook: Callable[[Connection, str], Awaitable[None]] | None = None
         # Set by the engine: is this identity revoked? A connection verified just before a
         # revocation, and attached just after it was announced, is closed here instead.
         self.revoked: Callable[[Identity], bool] | None = None
@@ -122,6 +128,8 @@ class Hub:
                 self.presence.served(channel)
             sub.member = self.presence.added(channel, conn.identity)
         try:
+            if self.subscribe_hook is not None:
+                await self.subscribe_hook(conn, channel)
             if self.broker is not None:
                 await self.broker.serve(channel)
             state = await self.store.state(channel)

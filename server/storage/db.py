@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,41 @@ DATABASE_DOWN_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.InterfaceError,
+    # Seen while a connection went back to the pool during a restart ("cannot switch to
+    # state 15; another operation is in progress"): the connection is broken, not the request.
+    asyncpg.InternalClientError,
 )
+
+
+def is_storable_text(value: str) -> bool:
+    """Whether PostgreSQL can hold this string in a `text` column: no NUL (PostgreSQL refuses
+    it) and no lone surrogate (it has no UTF-8 form). Client text failing this is refused, not a 500."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@asynccontextmanager
+async def committed_connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection whose return to the pool cannot fail the caller.
+
+    Whatever the block committed stays committed if the connection breaks afterwards (a
+    database restarting while the pool resets it): the caller must answer with what it
+    stored, or a client retrying the "failed" request would store it twice. The pool
+    terminates a connection whose reset failed, so nothing broken is reused.
+    """
+    conn = await pool.acquire()
+    try:
+        yield conn
+    finally:
+        try:
+            await pool.release(conn)
+        except DATABASE_DOWN_ERRORS as exc:
+            log.warning("a connection broke on its way back to the pool: %s", type(exc).__name__)
 
 
 def server_settings(schema: str) -> dict[str, str]:
