@@ -1,6 +1,7 @@
 """Where one request's time goes: Herald's whole chain under cProfile while wrk loads one path.
 
     .venv/bin/python -m bench.profile_http [--path /api/me] [--duration 5] [--top 30]
+    .venv/bin/python -m bench.profile_http --publish 16   # single REST publishes over 16 channels
 
 One worker runs in this process (no supervisor fork, so cProfile sees it), on the bench's
 settings and its own embedded PostgreSQL, after a warm-up. Printed: the functions by
@@ -43,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
     parser.add_argument("--top", type=int, default=30, help="rows per table (30)")
     parser.add_argument(
+        "--publish", type=int, metavar="CHANNELS", help="POST single events over CHANNELS channels instead of --path"
+    )
+    parser.add_argument(
         "--no-chain",
         action="store_true",
         help="without Herald's middlewares and response hook: what routing, handler and aiohttp cost alone",
@@ -52,9 +56,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def wrk(url: str, token: str | None, duration: int, connections: int) -> int:
-    """Requests served in one wrk run (pinned to core 1 when there is one)."""
+def wrk(url: str, token: str | None, duration: int, connections: int, script: Path | None = None) -> int:
+    """Requests served in one wrk run (pinned to core 1 when there is one); `script`: wrk's Lua."""
     command = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", url]
+    if script:
+        command[1:1] = ["-s", str(script)]
     if token:
         command[1:1] = ["-H", f"Authorization: Bearer {token}"]
     if (os.cpu_count() or 1) > 1:
@@ -83,7 +89,16 @@ async def serve(args: argparse.Namespace, settings, sock) -> None:
         return
     url = f"http://{host}:{port}{args.path}"
     token = None
-    if args.path.startswith("/api/"):
+    script = None
+    if args.publish:
+        from bench.publish import DATA, WRK_SCRIPT
+
+        paths = ", ".join(json.dumps(f"/api/channels/profile-{i}/events") for i in range(args.publish))
+        body = json.dumps(json.dumps({"type": "bench", "data": DATA}))
+        script = Path(tempfile.mkdtemp(prefix="herald-profile-wrk-")) / "publish.lua"
+        script.write_text(WRK_SCRIPT % {"paths": paths, "body": body, "auth": ""})
+        url = f"http://{host}:{port}/"
+    if args.path.startswith("/api/") or args.publish:
         import aiohttp
 
         async with aiohttp.ClientSession() as session:
@@ -93,7 +108,9 @@ async def serve(args: argparse.Namespace, settings, sock) -> None:
 
     async def in_thread(profile: cProfile.Profile | None) -> tuple[int, float]:
         result: list[int] = []
-        thread = threading.Thread(target=lambda: result.append(wrk(url, token, args.duration, args.connections)))
+        thread = threading.Thread(
+            target=lambda: result.append(wrk(url, token, args.duration, args.connections, script))
+        )
         cpu = time.thread_time()
         if profile:
             profile.enable()
@@ -106,7 +123,8 @@ async def serve(args: argparse.Namespace, settings, sock) -> None:
 
     await in_thread(None)  # warm-up: caches, lazily built objects
     served, cpu = await in_thread(None)
-    print(f"{args.path}: {served} requests, {1e6 * cpu / served:.1f} us of CPU per request (no profiler)")
+    what = f"POST single events over {args.publish} channels" if args.publish else args.path
+    print(f"{what}: {served} requests, {1e6 * cpu / served:.1f} us of CPU per request (no profiler)")
     profile = cProfile.Profile()
     served, _ = await in_thread(profile)
     for order in ("cumulative", "tottime"):
