@@ -24,10 +24,10 @@ def check_publish_permissions(request: web.Request, channels: list[Any]) -> None
             check_permission(identity, "publish", channel, rules)
 
 
-def check_fields(body: dict[str, Any], allowed: set[str], prefix: str = "") -> None:
+def check_fields(body: dict[str, Any], allowed: set[str]) -> None:
     unknown = set(body) - allowed
     if unknown:
-        raise ValidationError.field(prefix + sorted(unknown)[0], "is not a field of this request")
+        raise ValidationError.field(sorted(unknown)[0], "is not a field of this request")
 
 
 def validated_event(body: dict[str, Any], field: str) -> tuple[str, str]:

@@ -204,7 +204,8 @@ class Broker:
     async def _fill(self, channel: str, upto: int | None) -> None:
         """Deliver what the table holds after the last offset handed over (up to `upto`)."""
         while channel in self.last and (upto is None or self.last[channel] < upto):
-            events = await self.store.history(channel, self.last[channel], GAP_PAGE)
+            limit = GAP_PAGE if upto is None else min(GAP_PAGE, upto - self.last[channel])
+            events = await self.store.history(channel, self.last[channel], limit)
             events = [e for e in events if upto is None or e.offset <= upto]
             if not events:
                 return

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -68,7 +69,7 @@ class GroupCommitter:
         self.pool = pool
         self.wait_ms = max(1, round(publish_wait * 1000))
         self.on_stored = on_stored  # called with the number of new events of each commit
-        self._pending: list[Request] = []
+        self._pending: deque[Request] = deque()
         self._flight: asyncio.Task[None] | None = None
         self._alone: set[asyncio.Task[None]] = set()
         # Tests hold a flight here to make publishes gather behind it.
@@ -94,7 +95,7 @@ class GroupCommitter:
             while self._pending:
                 batch, size = [], 0
                 while self._pending and (not batch or size + len(self._pending[0].items) <= MAX_BATCH_ITEMS):
-                    request = self._pending.pop(0)
+                    request = self._pending.popleft()
                     batch.append(request)
                     size += len(request.items)
                 try:

@@ -17,7 +17,6 @@ from server.events.committer import GroupCommitter, Item, channel_busy
 from server.settings import EventsSettings
 from server.storage.db import committed_connection
 
-NOTIFY_LIMIT = 7900  # bytes; PostgreSQL refuses payloads of 8000 and more (store_event keeps to it)
 EVENT_TYPE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 PRUNE_LOCK = 0x4845_5241_4C45  # one pruner at a time across processes
@@ -214,14 +213,6 @@ class EventStore:
         rows = await self.pool.fetch("SELECT name, last_offset FROM channels WHERE name = any($1::text[])", channels)
         found = {r["name"]: r["last_offset"] for r in rows}
         return {c: found.get(c, 0) for c in channels}
-
-    async def channels_after(self, after: str, limit: int) -> list[tuple[str, int]]:
-        rows = await self.pool.fetch(
-            "SELECT name, last_offset FROM channels WHERE name > $1 AND last_offset > 0 ORDER BY name LIMIT $2",
-            after,
-            limit,
-        )
-        return [(r["name"], r["last_offset"]) for r in rows]
 
     async def _prune_channels(self, conn: asyncpg.Connection, touched: list[str]) -> int:
         """Mark the channels that just lost their last event, unmark those that have events
