@@ -518,3 +518,33 @@ async def test_names_from_any_issuer_are_escaped_in_the_answer(make_client, data
         }
     finally:
         await conn.close()
+
+
+async def test_a_join_while_an_sse_stream_is_fixing_its_start_never_goes_out_before_its_headers(make_client):
+    """handlers/sse.py subscribes before it sends the headers (§10a), so a join announced in
+    that window must wait for nothing and write nothing: notices are never replayed."""
+    client = await make_client(presence_settings())
+    hub = client.app[hub_key]
+    released = asyncio.Event()
+    held = asyncio.Event()
+
+    async def hold_sse(conn, channel: str) -> None:
+        if conn.kind == "sse":
+            held.set()
+            await released.wait()
+
+    hub.subscribe_hook = hold_sse
+    try:
+        ann = await ws_as(client, await token_for(client, "ann"), "lobby:start")
+        opening = asyncio.create_task(SseClient.connect(client, "channel=lobby:start"))
+        await asyncio.wait_for(held.wait(), 10)
+        bob = await ws_as(client, await token_for(client, "bob"), "lobby:start")
+        # Ann hears of Bob in the same announcement that reaches the held stream.
+        assert who(await next_presence(ann)) == ("join", "bob")
+        released.set()
+        stream = await asyncio.wait_for(opening, 10)
+        assert (await stream.message())["retry"] == "3000"
+        await close(ann, bob, stream)
+    finally:
+        released.set()
+        hub.subscribe_hook = None

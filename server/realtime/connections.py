@@ -201,7 +201,7 @@ class WebSocketConnection(Connection):
         await self.ws.send_frame(event_payload(event.json.encode()), WSMsgType.TEXT)
 
     def send_notice(self, notice: EncodedNotice) -> None:
-        self.transport.write(notice.ws_frame)
+        self._write(notice.ws_frame)  # behind any events still in the backlog, never ahead of them
         self._check_backlog()
 
     async def send_json(self, message: bytes) -> None:
@@ -299,7 +299,9 @@ class SseConnection(Connection):
         if self.transport is None or self.transport.is_closing():
             self.close(1000, "client left")
             return
-        self.transport.write(notice.sse_chunk if self.chunked else notice.sse_message)
+        if not self.response.prepared:
+            return  # still fixing its start before the headers (handlers/sse.py); notices are never replayed
+        self._write(notice.sse_chunk if self.chunked else notice.sse_message)
         self._check_backlog()
 
     def ping(self) -> None:
