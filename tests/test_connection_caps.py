@@ -145,3 +145,14 @@ async def test_an_anonymous_websocket_that_identifies_itself_counts_under_that_i
     anonymous = await WsClient.connect(b)
     reply = await anonymous.request("auth", token=token)
     assert (reply["op"], reply["code"]) == ("error", "rate_limited")
+
+
+def test_an_identity_id_with_a_lone_surrogate_is_counted_like_any_other():
+    """An application token's sub is any JSON string, "\\ud800" included: its connections are
+    counted, not a UnicodeEncodeError (the rate limiter's buckets already took such keys)."""
+    counts = ConnectionCounts(stripe_locks(64), blocks=16)
+    assert counts.acquire("id:app:\ud800", 1)
+    assert not counts.acquire("id:app:\ud800", 1)
+    assert counts.total("id:app:\ud801") == 0
+    counts.release("id:app:\ud800")
+    assert counts.total("id:app:\ud800") == 0

@@ -17,7 +17,7 @@ import ipaddress
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,6 +53,21 @@ class Refused:
     cap: int
 
 
+def salted_key_hash() -> Callable[[str], int]:
+    """A key's slot hash, keyed by a secret drawn per server start (before the workers fork,
+    so all share it): nobody can pick keys that land in another key's neighbourhood and push
+    its slot out. Any str hashes, lone surrogates included (an application token's sub may
+    hold one)."""
+    salt = os.urandom(16)
+
+    @functools.lru_cache(maxsize=65536)
+    def key_hash(key: str) -> int:
+        digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8, key=salt).digest()
+        return int.from_bytes(digest, "little", signed=True) or 1
+
+    return key_hash
+
+
 class ConnectionCounts:
     """Create before forking; every process then shares the same counts."""
 
@@ -62,14 +77,7 @@ class ConnectionCounts:
         self.blocks = blocks
         self._memory = mmap.mmap(-1, blocks * PROBES * SLOT.size)
         self.locks = locks
-        salt = os.urandom(16)
-
-        @functools.lru_cache(maxsize=65536)
-        def key_hash(key: str) -> int:
-            digest = hashlib.blake2b(key.encode(), digest_size=8, key=salt).digest()
-            return int.from_bytes(digest, "little", signed=True) or 1
-
-        self.key_hash = key_hash
+        self.key_hash = salted_key_hash()
 
     @contextlib.contextmanager
     def _locked(self, block: int) -> Iterator[None]:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
-import functools
-import hashlib
 import math
 import mmap
 import os
@@ -25,7 +23,7 @@ from dataclasses import dataclass
 from server.errors import RateLimited
 from server.identity.auth import Identity
 from server.limits.connections import LOCK_STRIPES as CONNECTION_LOCK_STRIPES
-from server.limits.connections import ConnectionCounts
+from server.limits.connections import ConnectionCounts, salted_key_hash
 from server.settings import LimitsSettings
 
 SLOT = struct.Struct("=qdd")  # key hash, tokens, last refill (monotonic seconds)
@@ -119,16 +117,7 @@ class RateLimiter:
         self._memory = mmap.mmap(-1, blocks * PROBES * SLOT.size)  # MAP_SHARED | MAP_ANONYMOUS: survives fork
         # One lock per stripe of blocks, which a worker killed inside take() does not keep.
         self.locks = stripe_locks(LOCK_STRIPES)
-        # A secret per server start, drawn before the workers fork so all share it: nobody
-        # can pick keys that land in another key's neighbourhood and push that bucket out.
-        salt = os.urandom(16)
-
-        @functools.lru_cache(maxsize=65536)
-        def key_hash(key: str) -> int:
-            digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8, key=salt).digest()
-            return int.from_bytes(digest, "little", signed=True) or 1
-
-        self.key_hash = key_hash
+        self.key_hash = salted_key_hash()
         # Open WebSocket/SSE connections per address and identity, shared the same way.
         self.connections = ConnectionCounts(stripe_locks(CONNECTION_LOCK_STRIPES))
 
