@@ -144,7 +144,8 @@ class UserStore:
         if not (is_storable_text(username) and is_storable_text(password)):
             # No user can have such a name or password (PostgreSQL refuses NUL in text), so
             # these are wrong credentials: a 401 at the usual cost, not an error from asyncpg.
-            await check_password("not-a-real-password", await self._hash_for_unknown_users())
+            async with self.hashing.slot():  # the same bound on bcrypt work as every other login
+                await check_password("not-a-real-password", await self._hash_for_unknown_users())
             return None
         row = await self.pool.fetchrow(
             f"SELECT {USER_COLUMNS}, password_hash FROM users WHERE lower(username) = lower($1)", username

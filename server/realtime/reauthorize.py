@@ -35,11 +35,14 @@ async def follow_user_change(
         return
     rules = tuple(rules)
     roles = frozenset(user.roles)
+    live: dict[str, bool] = {}  # tabs share a browser session: ask once per session
     for conn in connections:
         identity = conn.identity
         if identity is None or conn.closed:
             continue
-        if identity.session is not None and not await sessions.is_live(identity.session):
+        if identity.session is not None and identity.session not in live:
+            live[identity.session] = await sessions.is_live(identity.session)
+        if identity.session is not None and not live[identity.session]:
             conn.close(4401, "session ended")
             continue
         if identity.roles != roles or identity.username != user.username:
