@@ -3,8 +3,9 @@
     .venv/bin/python -m bench.publish [--seconds 5] [--concurrency 32] [--rate 500]
 
 Three servers, one after another: the naive server (counts in memory, core 0), Herald
-with one worker (core 0) and Herald with two workers (both cores); the load generator
-runs on core 1. Herald stores every event in PostgreSQL (group-committed: concurrent
+with one worker (core 0, its embedded PostgreSQL beside the load generator on core 1, as
+a database server elsewhere would not share Herald's core) and Herald with two workers
+(everything on both cores); the load generator runs on core 1. Herald stores every event in PostgreSQL (group-committed: concurrent
 publishes share one statement and one commit) before answering 201. For each server:
 
 - single-event REST publishes, `--concurrency` in flight, on 1 and on 16 channels;
@@ -37,7 +38,7 @@ import asyncpg
 import orjson
 
 from bench import BenchError
-from bench.servers import Server, login, start_herald, start_naive, stop, wait_ready
+from bench.servers import Server, login, pin_database, start_herald, start_naive, stop, wait_ready
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CHANNEL_COUNTS = (1, 16)  # one channel: every publish is ordered behind the one before (gapless offsets)
@@ -216,9 +217,9 @@ async def measure(session, server: Server, args: argparse.Namespace, results: di
     )
     rate = await asyncio.to_thread(wrk_rate, server, ["/api/events"], batch, BATCHES_IN_FLIGHT, args.seconds, workdir)
     note("batch_100", round(rate * BATCH_SIZE))
-    p50, p99 = await steady_latency(session, server, args.seconds, args.rate, "bench-steady")
-    note("steady_p50_ms", round(p50, 2))
-    note("steady_p99_ms", round(p99, 2))
+    median, tail = await steady_latency(session, server, args.seconds, args.rate, "bench-steady")
+    note("steady_p50_ms", round(median, 2))
+    note("steady_p99_ms", round(tail, 2))
     served = served_latencies(server, "/api/channels/bench-steady-")
     if served:
         note("steady_served_p50_ms", round(statistics.median(served), 2))
@@ -241,6 +242,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, dict]:
             server = start()
             try:
                 await wait_ready(session, server, 90)
+                if name == "herald-1" and (os.cpu_count() or 1) > 1:
+                    pin_database(server, {1})  # the database is another server: not on Herald's core
                 sql_url = None
                 if name != "naive":
                     server.token = await login(session, server)

@@ -176,6 +176,18 @@ def is_database(process: psutil.Process) -> bool:
     return process.name().startswith(("postgres", "postmaster"))
 
 
+def pin_database(server: Server, cores: set[int]) -> int:
+    """Move the server's embedded PostgreSQL (the postmaster, whose new backends inherit it,
+    and the backends already open) onto `cores`; returns how many processes moved."""
+    moved = 0
+    for process in psutil.Process(server.process.pid).children(recursive=True):
+        with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            if is_database(process):
+                process.cpu_affinity(sorted(cores))
+                moved += 1
+    return moved
+
+
 def cpu_seconds(process: psutil.Process) -> float:
     times = process.cpu_times()
     return times.user + times.system

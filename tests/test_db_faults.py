@@ -12,6 +12,7 @@ import time
 import asyncpg
 import pytest
 
+from server.events.committer import is_open
 from server.keys import broker_key, pool_key, store_key
 from server.ops.logs import request_id_var
 from tests.conftest import wait_for
@@ -59,23 +60,38 @@ def breaking_release(client, database_url, monkeypatch) -> BreakingRelease:
     return breaker
 
 
-@pytest.mark.parametrize("idempotency_key", [None, "key-1"])
-async def test_a_publish_that_committed_answers_201_when_its_connection_breaks_after(
-    client, breaking_release, idempotency_key
-):
+async def test_a_keyed_batch_that_committed_answers_201_when_its_connection_breaks_after(client, breaking_release):
+    """A batch with an Idempotency-Key commits on a pooled connection of its own."""
     pub = await token_for(client, "pub", ("publisher",))
     await client.get("/api/me", headers=bearer(pub))  # the user is cached: the publish is the next release
-    headers = bearer(pub) | ({"Idempotency-Key": idempotency_key} if idempotency_key else {})
+    body = {"events": [{"channel": "news", "data": 1}]}
     breaking_release.armed = True
-    resp = await client.post("/api/channels/news/events", json={"data": 1}, headers=headers)
+    resp = await client.post("/api/events", json=body, headers=bearer(pub) | {"Idempotency-Key": "key-1"})
     assert breaking_release.broken, "the release was not broken"
     assert resp.status == 201, await resp.text()
-    event = await resp.json()
-    assert (event["offset"], event["data"]) == (1, 1)
+    assert [(e["offset"], e["data"]) for e in (await resp.json())["items"]] == [(1, 1)]
     assert [e.offset for e in await client.app[store_key].history("news", 0, 10)] == [1]
     # The broken connection was not handed out again.
     resp = await client.post("/api/channels/news/events", json={"data": 2}, headers=bearer(pub))
     assert resp.status == 201, await resp.text()
+
+
+async def test_the_group_commit_takes_a_fresh_connection_when_the_database_closed_its_own(client, database_url):
+    """Flights keep one connection between them; one the server closed is never used again."""
+    pub = await token_for(client, "pub", ("publisher",))
+    assert (await client.post("/api/channels/news/events", json={"data": 1}, headers=bearer(pub))).status == 201
+    kept = client.app[store_key].committer._conn
+    assert kept is not None, "the flight gave its connection back"
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute("SELECT pg_terminate_backend($1)", kept.get_server_pid())
+    finally:
+        await admin.close()
+    await wait_for(lambda: not is_open(kept), timeout=10)
+    resp = await client.post("/api/channels/news/events", json={"data": 2}, headers=bearer(pub))
+    assert resp.status == 201, await resp.text()
+    assert (await resp.json())["offset"] == 2
+    assert client.app[store_key].committer._conn is not kept
 
 
 async def test_a_connection_breaking_on_its_way_back_is_503_on_readyz_not_500(client, breaking_release):

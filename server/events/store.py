@@ -125,6 +125,9 @@ class EventStore:
         self.committer = GroupCommitter(pool, publish_wait, on_published)
         self.on_published = on_published
 
+    async def close(self) -> None:
+        await self.committer.close()
+
     async def publish(
         self, channel: str, event_type: str, data: str, idempotency_key: str | None = None
     ) -> tuple[StoredEvent, bool]:

@@ -89,6 +89,7 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await scheduler.close()
+        await store.close()
         try:
             await asyncio.wait_for(presence.withdraw(), timeout=2)
         except (*DATABASE_DOWN_ERRORS, TimeoutError):
