@@ -47,8 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=16, help="keep-alive connections (16)")
     parser.add_argument("--repeat", type=int, default=2, help="windows per path; the least is shown (2)")
     parser.add_argument("--only", choices=("bare", "herald"), help="measure one server only")
-    parser.add_argument("--no-chain", action="store_true", help="Herald without its middlewares and hook")
-    parser.add_argument("--front-door-only", action="store_true", help="Herald with its first middleware alone")
+    parser.add_argument("--no-chain", action="store_true", help="Herald without its front door")
     return parser.parse_args(argv)
 
 
@@ -129,7 +128,7 @@ def measure(name: str, command: list[str], helper: str, args: argparse.Namespace
     figures = {}
     try:
         asyncio.run(wait_up(f"{base}/healthz", 900))
-        stripped = name == "herald" and (args.no_chain or args.front_door_only)  # no auth layer: no /api/me
+        stripped = name == "herald" and args.no_chain  # no auth layer: no /api/me
         token = asyncio.run(login(base)) if name != "bare" and not stripped else None
         windows = 0
         paths = ("/healthz",) if stripped else PATHS
@@ -163,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         source = os.path.join(out_dir, "helper.c")
         Path(source).write_text(HELPER)
         subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", helper, source], check=True)
-        experiment = ["--no-chain"] if args.no_chain else ["--front-door-only"] if args.front_door_only else []
+        experiment = ["--no-chain"] if args.no_chain else []
         servers = {
             "bare": ["bench.bare_server", "--port"],
             "herald": ["bench.profile_http", *experiment, "--serve"],

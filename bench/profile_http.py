@@ -35,6 +35,7 @@ from server.ops.metrics import enable_multiprocess
 from server.process.supervisor import bind_socket, bootstrap_admin, database, with_shared_secrets, with_user_store
 from server.process.worker import install_uvloop
 from server.settings import load_settings
+from server.web.protocol import HeraldRunner
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,7 +52,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="without Herald's middlewares and response hook: what routing, handler and aiohttp cost alone",
     )
-    parser.add_argument("--front-door-only", action="store_true", help="--no-chain, but keep the front door")
     parser.add_argument("--serve", type=int, metavar="PORT", help="only serve until SIGTERM (bench.instructions)")
     return parser.parse_args(argv)
 
@@ -73,10 +73,9 @@ def wrk(url: str, token: str | None, duration: int, connections: int, script: Pa
 
 async def serve(args: argparse.Namespace, settings, sock) -> None:
     app = create_app(settings)
-    if args.no_chain or args.front_door_only:  # experiments, never a server: no auth, no headers
-        app._middlewares = type(app._middlewares)(app._middlewares[:1] if args.front_door_only else [])
-        app.on_response_prepare.clear()
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    if args.no_chain:  # an experiment, never a server: aiohttp's own request path, no front door
+        del app._handle, app._make_request  # the Application's methods again (middlewares/front_door.py)
+    runner = HeraldRunner(app, access_log=None, handle_signals=False)  # the worker's runner
     await runner.setup()
     await web.SockSite(runner, sock).start()
     host, port = sock.getsockname()[:2]

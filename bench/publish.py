@@ -5,8 +5,9 @@
 Three servers, one after another: the naive server (counts in memory, core 0), Herald
 with one worker (core 0, its embedded PostgreSQL beside the load generator on core 1, as
 a database server elsewhere would not share Herald's core) and Herald with two workers
-(everything on both cores); the load generator runs on core 1. Herald stores every event in PostgreSQL (group-committed: concurrent
-publishes share one statement and one commit) before answering 201. For each server:
+(everything on both cores); the load generator runs on core 1. Herald stores every
+event in PostgreSQL (group-committed: concurrent publishes share one statement and one
+commit) before answering 201. For each server:
 
 - single-event REST publishes, `--concurrency` in flight, on 1 and on 16 channels;
 - batches of 100 events (`POST /api/events`, over 16 channels), 8 batches in flight

@@ -7,7 +7,6 @@ upgrades must come from a trusted Origin (CSRF and cross-site WebSocket hijackin
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 
@@ -39,10 +38,9 @@ SESSION_PATHS = frozenset({"/api/auth/login", "/api/auth/logout"})
 COOKIE_IGNORED_PATHS = frozenset({"/api/auth/login"})
 
 
-def herald_session_middleware(settings: AuthSettings):
-    """The auth middleware, inside aiohttp-session's only where a session can matter: a
-    request carrying the cookie, or login and logout. Everything else skips the session's
-    work and frame (one middleware frame per request, not two)."""
+def session_middleware_for(settings: AuthSettings):
+    """aiohttp-session's middleware with Herald's encrypted cookie; the front door runs a
+    request through it only where a session can matter (`needs_session`)."""
     secret = settings.session_secret or load_or_create_secret(settings.secrets_dir, "session_secret")
     storage = EncryptedCookieStorage(
         hashlib.sha256(secret.encode()).digest(),
@@ -51,15 +49,12 @@ def herald_session_middleware(settings: AuthSettings):
         samesite="Lax",
         max_age=settings.session_ttl,
     )
-    with_session = session_middleware(storage)
+    return session_middleware(storage)
 
-    @web.middleware
-    async def sessions_where_needed(request: web.Request, handler):
-        if has_session_cookie(request) or request.path in SESSION_PATHS:
-            return await with_session(request, functools.partial(auth_middleware, handler=handler))
-        return await auth_middleware(request, handler)
 
-    return sessions_where_needed
+def needs_session(request: web.Request) -> bool:
+    """A request carrying the cookie, or login and logout; everything else skips the session's work and frame."""
+    return has_session_cookie(request) or request.path in SESSION_PATHS
 
 
 def has_session_cookie(request: web.Request) -> bool:
@@ -68,9 +63,9 @@ def has_session_cookie(request: web.Request) -> bool:
     return header is not None and SESSION_COOKIE in header and SESSION_COOKIE in request.cookies
 
 
-async def auth_middleware(request: web.Request, handler):
+async def authorize(request: web.Request) -> None:
     """Who is calling, then their rate limit (PROTOCOL §8): the two always run together,
-    in this order (the bucket is the identity's), so they share one middleware frame."""
+    in this order (the bucket is the identity's)."""
     limited = is_limited(request)
     try:
         identity = request[identity_key] = await identify(request)
@@ -82,7 +77,6 @@ async def auth_middleware(request: web.Request, handler):
     check_reserve(request, identity)
     if limited:
         charge(request, identity)
-    return await handler(request)
 
 
 def is_metrics_token(request: web.Request, header: str) -> bool:

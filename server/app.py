@@ -11,9 +11,8 @@ from aiohttp import web
 
 from handlers import auth, batch, channels, events, health, metrics, openapi, revocations, sse, static, users, ws
 from handlers.http import expect_continue
-from middlewares.auth import herald_session_middleware
 from middlewares.cors import cors_on_router_errors
-from middlewares.front_door import front_door, response_headers
+from middlewares.front_door import FrontDoor, install
 from server.identity.auth import TokenService
 from server.identity.identify import Authenticator
 from server.identity.issuers import Issuers
@@ -58,12 +57,7 @@ def create_app(
     their own, and may catch the access lines in `access_log`."""
     metrics = Metrics(settings.metrics.sync_interval)
     access_log = access_log or AccessLog()
-    app = web.Application(
-        client_max_size=settings.limits.body_bytes,
-        # Request id, error answers, access line and metrics share the front door's frame;
-        # sessions (where one can matter), identity and rate limit share the auth frame.
-        middlewares=[front_door(metrics, access_log), herald_session_middleware(settings.auth)],
-    )
+    app = web.Application(client_max_size=settings.limits.body_bytes)
     app[settings_key] = settings
     app[tokens_key] = TokenService(settings.auth)
     app[issuers_key] = Issuers(settings.auth.issuers)
@@ -80,7 +74,9 @@ def create_app(
     app.on_shutdown.append(close_connections)
 
     app[drain_key] = Drain()
-    app.on_response_prepare.append(response_headers(settings.server.trusted_proxies, app[drain_key]))
+    # Request id, identity, rate limit, error answers, access line, metrics and every
+    # response's headers: one frame, around aiohttp's middleware machinery.
+    install(app, FrontDoor(settings, metrics, access_log, app[drain_key]))
     app.on_cleanup.append(flush_access_log)
 
     add_routes(app)

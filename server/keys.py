@@ -8,6 +8,7 @@ import asyncpg
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from middlewares.front_door import FrontDoor
     from server.events.broker import Broker
     from server.events.store import EventStore
     from server.identity.auth import TokenService
@@ -47,9 +48,10 @@ metrics_key: web.AppKey[Metrics] = web.AppKey("metrics_key")
 static_key: web.AppKey[StaticFiles] = web.AppKey("static_key")
 access_log_key: web.AppKey[AccessLog] = web.AppKey("access_log_key")
 drain_key: web.AppKey[Drain] = web.AppKey("drain_key")
+front_door_key: web.AppKey[FrontDoor] = web.AppKey("front_door_key")  # every request's one frame
 refusals_log_key: web.AppKey[ThrottledLog] = web.AppKey("refusals_log_key")  # caps and guards that refuse
 
-# Per-request state, set by the middlewares.
+# Per-request state, set by the front door.
 request_id_key = web.RequestKey("request_id_key", str)
 identity_key = web.RequestKey("identity_key", object)  # server.identity.auth.Identity | None
 ratelimit_key: web.RequestKey[Decision] = web.RequestKey("ratelimit_key")

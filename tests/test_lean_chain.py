@@ -8,15 +8,18 @@ these tests pin down the cheaper way it is now done.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
 import os
 import signal
 import uuid
 
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from middlewares.request_id import fresh_request_id
 from server.app import create_app
+from server.keys import front_door_key
 from server.ops.logs import AccessLog
 from server.ops.metrics import Metrics, forget_process
 
@@ -33,10 +36,35 @@ class CountingStream(io.BytesIO):
         return super().write(data)
 
 
-def test_two_middleware_frames_and_one_response_hook(settings):
+def test_the_front_door_is_the_apps_request_handler_with_no_middleware_chain_or_signal(settings):
     app = create_app(settings)  # no CORS origins: aiohttp-cors adds nothing
-    assert len(app.middlewares) == 2, app.middlewares  # the front door; auth + limit (+ sessions where needed)
-    assert len(app.on_response_prepare) == 1, list(app.on_response_prepare)
+    assert list(app.middlewares) == []  # nothing for aiohttp's middleware machinery to run
+    assert list(app.on_response_prepare) == []  # headers come from HeraldRequest._prepare_hook
+    assert app._handle.func == app[front_door_key].handle
+    # The aiohttp internals the front door stands on (an upgrade that moves them fails here).
+    assert inspect.signature(web.Application._make_request).parameters["_cls"].default is web.Request
+    assert inspect.iscoroutinefunction(web.Request._prepare_hook)
+    assert "request_factory=self._make_request" in inspect.getsource(web.Application._make_handler)
+
+
+async def test_a_request_reaches_its_handler_through_one_herald_frame(aiohttp_client, settings):
+    """Between aiohttp's connection handler and the route's handler: the front door's two
+    calls (route, then serve) and nothing of aiohttp's middleware machinery."""
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        frames = [f.function for f in inspect.stack(0)]
+        seen.extend(frames[1 : frames.index("_handle_request")])
+        return web.Response(text="ok")
+
+    app = create_app(settings)
+    app.router.add_get("/t/frames", handler)
+    client = await aiohttp_client(app)
+    resp = await client.get("/t/frames")
+    assert resp.status == 200
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"  # the headers still came
+    assert "X-Request-Id" in resp.headers
+    assert seen == ["serve", "handle"], seen
 
 
 async def test_the_access_lines_of_one_loop_turn_go_out_in_one_write():
