@@ -29,6 +29,8 @@ from server.web.json_depth import nests_deeper_than
 from server.web.net import client_ip
 
 INTEGER = re.compile(r"-?[0-9]+")
+LONG_DIGITS = re.compile(r"[0-9]{19}")  # an integer orjson might not hold exactly (2**63 has 19 digits)
+LONG_DIGITS_BYTES = re.compile(rb"[0-9]{19}")
 INTEGER_DIGITS = 19  # every integer Herald takes fits in 19 digits; longer ones are out of range
 CLOSE = {"Connection": "close"}  # the rest of a stalled body is not worth waiting for
 CONNECTION_RETRY_AFTER = 5  # seconds: a connection cap frees up when one of the caller's own closes
@@ -39,9 +41,23 @@ def _refuse_constant(name: str) -> None:
 
 
 def decode_json(raw: bytes | str, max_depth: int) -> Any:
-    """Standard JSON, exactly: the stdlib keeps integers of any size (orjson would round
-    them to floats) and NaN/Infinity, which are not JSON, are refused. Nesting past
-    `max_depth` (limits.json_depth) is refused before the recursive decoder sees it."""
+    """Standard JSON, exactly: integers of any size stay exact, and NaN/Infinity, which are
+    not JSON, are refused. Nesting past `max_depth` (limits.json_depth) is refused before
+    the recursive decoder sees it.
+
+    orjson decodes an ordinary body in a fifth of the stdlib's time, but it turns an
+    integer past 64 bits into a float: a body with 19 digits in a row (strings included),
+    too many brackets for the quick depth count, or anything orjson refuses (with its
+    own, terser message; UTF-16, a BOM and lone surrogates, which the stdlib takes)
+    goes to the stdlib decoder, which answers as it always did.
+    """
+    if isinstance(raw, bytes):
+        quick = raw.count(b"[") + raw.count(b"{") <= max_depth and LONG_DIGITS_BYTES.search(raw) is None
+    else:
+        quick = raw.count("[") + raw.count("{") <= max_depth and LONG_DIGITS.search(raw) is None
+    if quick:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            return orjson.loads(raw)
     try:
         text = raw.decode(json.detect_encoding(raw), "surrogatepass") if isinstance(raw, bytes) else raw
         if nests_deeper_than(text, max_depth):
@@ -70,8 +86,11 @@ async def read_json_object(request: web.Request, max_size: int | None = None) ->
         raise PayloadTooLarge(f"Request body is larger than {limit} bytes")
     timeout = request.app[settings_key].server.body_timeout
     try:
-        async with asyncio.timeout(timeout):  # a body sent a byte at a time holds no handler for long
+        if request.content.is_eof():  # all of it arrived already (most bodies, with their head)
             raw = await request.read()
+        else:
+            async with asyncio.timeout(timeout):  # a body sent a byte at a time holds no handler for long
+                raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"Request body is larger than {limit} bytes") from None
     except TimeoutError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -90,12 +91,27 @@ def validate_event(body: dict[str, Any]) -> tuple[str, str]:
     unknown = set(body) - {"type", "data"}
     if unknown:
         raise ValidationError.field(sorted(unknown)[0], "is not a field of an event")
+    return event_type, data_text(body.get("data"))
+
+
+def data_text(data: Any) -> str:
+    """An event's data as compact JSON text; 422 for what JSON cannot hold.
+
+    orjson writes it in a fraction of the stdlib's time but writes an infinite float
+    (which the stdlib decoder makes of 1e400) as null, so a text with a null in it is
+    written again by the stdlib, which refuses infinities; orjson refuses integers past
+    64 bits and lone surrogates, which go to the stdlib too.
+    """
+    with contextlib.suppress(orjson.JSONEncodeError):
+        text = orjson.dumps(data)
+        if b"null" not in text:
+            return text.decode()
     try:
-        data = json.dumps(body.get("data"), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        data.encode()
+        text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text.encode()
     except (ValueError, UnicodeEncodeError):
         raise ValidationError.field("data", "must be JSON with finite numbers and valid Unicode") from None
-    return event_type, data
+    return text
 
 
 def validate_idempotency_key(key: str | None) -> str | None:
