@@ -3,9 +3,9 @@
     .venv/bin/python -m bench.publish [--seconds 5] [--concurrency 32] [--rate 500]
 
 Three servers, one after another: the naive server (counts in memory, core 0), Herald
-with one worker (core 0, its embedded PostgreSQL beside the load generator on core 1, as
-a database server elsewhere would not share Herald's core) and Herald with two workers
-(everything on both cores); the load generator runs on core 1. Herald stores every
+with one worker (core 0; its embedded PostgreSQL, which would otherwise inherit that one
+core, free to run on both, as a database server elsewhere would not share Herald's core)
+and Herald with two workers (everything on both cores); the load generator runs on core 1. Herald stores every
 event in PostgreSQL (group-committed: concurrent publishes share one statement and one
 commit) before answering 201. For each server:
 
@@ -244,7 +244,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, dict]:
             try:
                 await wait_ready(session, server, 90)
                 if name == "herald-1" and (os.cpu_count() or 1) > 1:
-                    pin_database(server, {1})  # the database is another server: not on Herald's core
+                    pin_database(server, {0, 1})  # another server: not confined to Herald's core
                 sql_url = None
                 if name != "naive":
                     server.token = await login(session, server)

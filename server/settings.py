@@ -79,6 +79,7 @@ class DatabaseSettings:
     pool_size: int = 10
     schema: str = "herald"  # Herald's tables and functions live here (PROTOCOL §12)
     publish_wait: float = 5.0  # seconds a publish waits behind an SQL transaction on its channel
+    publish_flights: int = 2  # group-commit batches a worker has in the database at once
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,10 +34,18 @@ class Gate:
         await self.opened.wait()
 
     async def primed(self, client, token: str) -> asyncio.Task:
-        """A first publish, held in flight, so the next ones gather for one batch."""
-        task = asyncio.create_task(publish(client, token, "public:primer", "primer"))
-        await wait_for(lambda: len(self.batches) == 1)
-        return task
+        """A first publish in every flight the committer may have in the air, each held
+        there, so the next ones gather for one batch."""
+        primers = []
+        for n in range(self.committer.flights):  # one by one: two arriving together would share a flight
+            primers.append(asyncio.create_task(publish(client, token, f"public:primer{n}", "primer")))
+            await wait_for(lambda n=n: len(self.batches) == n + 1)
+        return asyncio.gather(*primers)
+
+    @property
+    def gathered_batches(self) -> list[list[int]]:
+        """The batches after the primers'."""
+        return self.batches[self.committer.flights :]
 
     async def gathered(self, count: int) -> None:
         try:
@@ -238,7 +246,8 @@ async def test_concurrent_publishes_gather_into_one_statement(client, pub):
     assert (await batch).status == 201
     reply = await ws_publish
     assert reply["op"] == "ok", reply
-    assert [sorted(b) for b in gate.batches] == [[1], [1, 1, 1, 1, 1, 1, 3]]  # the primer alone, then the rest in one
+    assert gate.batches[: gate.committer.flights] == [[1]] * gate.committer.flights  # the primers alone
+    assert [sorted(b) for b in gate.gathered_batches] == [[1, 1, 1, 1, 1, 1, 3]]  # then the rest in one
     assert await offsets(client, "public:g") == list(range(1, 10))
 
 
@@ -257,7 +266,7 @@ async def test_idempotency_keeps_its_meaning_inside_one_batch(client, pub):
     await gate.gathered(4)
     gate.open()
     await primer
-    assert gate.batches[1] == [1, 1, 1, 1]
+    assert gate.gathered_batches[0] == [1, 1, 1, 1]
     first, same, other = await first, await same, await other
     assert (first.status, same.status, other.status) == (201, 200, 409)
     assert await first.json() == await same.json()
@@ -307,7 +316,7 @@ async def test_a_publish_that_fails_alone_does_not_fail_the_others_batched_with_
     await gate.gathered(4)
     gate.open()
     await primer
-    assert sorted(gate.batches[1]) == [1, 1, 1, 2]
+    assert sorted(gate.gathered_batches[0]) == [1, 1, 1, 2]
     bad, bad_batch = await bad, await bad_batch
     assert bad.status == 422, await bad.text()
     assert bad_batch.status == 422
@@ -330,8 +339,8 @@ async def test_a_database_outage_in_the_middle_of_a_coalesced_batch_answers_ever
     await gate.gathered(6)
     gate.let_one()
     await primer
-    await wait_for(lambda: len(gate.batches) == 2)
-    assert sorted(gate.batches[1]) == [1, 1, 1, 1, 1, 3]
+    await wait_for(lambda: len(gate.gathered_batches) == 1)
+    assert sorted(gate.gathered_batches[0]) == [1, 1, 1, 1, 1, 3]
 
     # The test holds the events table: the batch's statement has bumped channel offsets
     # when it stops at its first insert into events; then its connection is cut.
@@ -438,3 +447,50 @@ def test_batch_limits_are_settings(make_settings):
     assert (make_settings().limits.batch_events, make_settings().limits.batch_body_bytes) == (1000, 1048576)
     with pytest.raises(SettingsError, match=r"limits\.batch_events"):
         make_settings({"limits": {"batch_events": 0}})
+
+
+async def test_a_second_flight_is_stored_while_the_first_is_still_in_the_air(client, pub):
+    """database.publish_flights (2): publishes arriving while one flight is held go in a
+    second flight, on the same channel too, and offsets stay gapless in commit order."""
+    committer = client.app[store_key].committer
+    assert committer.flights == 2
+    release = asyncio.Event()
+    held: list[list[int]] = []
+
+    async def hold_the_first(batch) -> None:
+        if not held:
+            held.append([len(r.items) for r in batch])
+            await release.wait()
+
+    committer.before_flight = hold_the_first
+    first = asyncio.create_task(publish(client, pub, "public:two", "first"))
+    await wait_for(lambda: held)
+    second = await publish(client, pub, "public:two", "second")  # answered while the first is held
+    assert second["offset"] == 1
+    assert not first.done()
+    release.set()
+    assert (await first)["offset"] == 2
+    assert [e["data"] for e in await history(client, "public:two")] == ["second", "first"]
+
+
+async def test_with_one_flight_the_next_publishes_wait_for_it(make_client):
+    client = await make_client({"database": {"publish_flights": 1}})
+    pub = await token_for(client, "pub", ("publisher",))
+    gate = Gate(client)
+    primer = await gate.primed(client, pub)
+    waiting = asyncio.create_task(publish(client, pub, "public:one", "next"))
+    await gate.gathered(1)  # not in a flight of its own: gathered behind the held one
+    gate.open()
+    await primer
+    assert (await waiting)["offset"] == 1
+    assert gate.batches == [[1], [1]]
+
+
+async def test_a_pool_of_one_connection_is_not_kept_by_the_flights(make_client):
+    """The flights keep at most pool_size - 1 connections: the rest of Herald needs one too."""
+    client = await make_client({"database": {"pool_size": 1}})
+    pub = await token_for(client, "pub", ("publisher",))
+    assert (await publish(client, pub, "public:solo", 1))["offset"] == 1
+    assert client.app[store_key].committer._idle == []
+    resp = await asyncio.wait_for(client.get("/api/channels/public:solo/events"), 10)  # the pool's one is free
+    assert resp.status == 200

@@ -247,6 +247,7 @@ BAD_VALUES = [
     ({"events": {"history_ttl": -86400}}, {}, "events.history_ttl"),
     ({"realtime": {"heartbeat": -25}}, {}, "realtime.heartbeat"),
     ({"database": {"pool_size": 0}}, {}, "database.pool_size"),
+    ({"database": {"publish_flights": 0}}, {}, "database.publish_flights"),
     ({"server": {"shutdown_timeout": float("nan")}}, {}, "server.shutdown_timeout"),
     ({}, {"HERALD_REALTIME_HEARTBEAT": "inf"}, "realtime.heartbeat"),
     ({"server": {"port": 0}}, {}, "server.port"),

@@ -16,10 +16,19 @@ batch does not decide for the others:
 - a lost database fails every request of the batch (503); the one transaction means
   none of it is half-stored.
 
-Flights keep one pooled connection between them instead of taking one from the pool
+Up to `flights` batches (database.publish_flights, 2) are in the air at once, each on
+its own connection: measured with one, a flight of 16 publishes took 5.7 ms where the
+statement alone takes 2, the rest being the round trip and the event loop's turn before
+the answer was read, while the worker idled a third of the time and PostgreSQL most of
+it. A second flight is already in the database when the first commits; on a channel the
+first one holds it waits for that commit (the channel row's lock), so offsets stay
+gapless and in commit order. One flight at a time is `publish_flights = 1`.
+
+Flights keep their pooled connections between them instead of taking one from the pool
 each time: giving a connection back costs asyncpg's reset query, a round trip before
-the next flight could leave. A broken connection goes back to the pool (which
-discards it) and the next flight takes a fresh one.
+the next flight could leave. They keep at most pool_size - 1 (the rest of Herald needs
+one too; a pool of one is shared as before). A broken connection goes back to the pool
+(which discards it) and the next flight takes a fresh one.
 """
 
 from __future__ import annotations
@@ -71,14 +80,18 @@ def channel_busy() -> Unavailable:
 
 
 class GroupCommitter:
-    def __init__(self, pool: asyncpg.Pool, publish_wait: float, on_stored: Callable[[int], None]) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, publish_wait: float, on_stored: Callable[[int], None], flights: int = 2
+    ) -> None:
         self.pool = pool
         self.wait_ms = max(1, round(publish_wait * 1000))
         self.on_stored = on_stored  # called with the number of new events of each commit
+        self.flights = flights
+        self.keep = min(flights, pool.get_max_size() - 1)  # connections kept between flights
         self._pending: deque[Request] = deque()
-        self._flight: asyncio.Task[None] | None = None
+        self._flying: set[asyncio.Task[None]] = set()
         self._alone: set[asyncio.Task[None]] = set()
-        self._conn: asyncpg.Connection | None = None  # the flights' own, between flights too
+        self._idle: list[asyncpg.Connection] = []  # the flights' own connections, kept between flights
         # Tests hold a flight here to make publishes gather behind it.
         self.before_flight: Callable[[list[Request]], object] | None = None
 
@@ -93,11 +106,15 @@ class GroupCommitter:
         """Store the items (one request: all or none); one outcome per item, in order."""
         future = asyncio.get_running_loop().create_future()
         self._pending.append(Request(items, key, fingerprint, future))
-        if self._flight is None:
-            self._flight = asyncio.get_running_loop().create_task(self._fly())
+        if len(self._flying) < self.flights:
+            task = asyncio.get_running_loop().create_task(self._fly())
+            self._flying.add(task)
+            task.add_done_callback(self._flying.discard)
         return await future
 
     async def _fly(self) -> None:
+        """One flight after another, while requests wait; each flight on a connection of its own."""
+        conn: asyncpg.Connection | None = None
         try:
             while self._pending:
                 batch, size = [], 0
@@ -110,51 +127,59 @@ class GroupCommitter:
                         waiting = self.before_flight(batch)
                         if asyncio.iscoroutine(waiting):
                             await waiting
-                    await self._commit(batch)
-                except Exception as exc:  # a bug here must not leave its callers waiting forever
-                    log.exception("group commit failed")
-                    await self._drop_connection()  # in whatever state that left it
+                    while conn is None or not is_open(conn):  # none yet, or the database closed it meanwhile
+                        await self._drop(conn)
+                        conn = None
+                        conn = self._idle.pop() if self._idle else await self.pool.acquire()
+                    if not await self._commit(conn, batch):
+                        await self._drop(conn)
+                        conn = None
+                except Exception as exc:  # a bug here (or no connection): never leave callers waiting
+                    if not isinstance(exc, DATABASE_DOWN_ERRORS):
+                        log.exception("group commit failed")
+                    await self._drop(conn)  # in whatever state that left it
+                    conn = None
                     for request in batch:
                         _fail(request, exc)
         finally:
-            self._flight = None
+            if conn is not None:
+                if len(self._idle) < self.keep:
+                    self._idle.append(conn)
+                else:
+                    await self._drop(conn)
 
     async def close(self) -> None:
         """After the last publish (the app's cleanup, before the pool closes)."""
-        if self._flight is not None:
-            await asyncio.wait({self._flight}, timeout=5)
-        await self._drop_connection()
+        if self._flying:
+            await asyncio.wait(self._flying, timeout=5)
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await self._drop(conn)
 
-    async def _flight_connection(self) -> asyncpg.Connection:
-        if self._conn is not None and not is_open(self._conn):  # the database went away meanwhile
-            await self._drop_connection()
-        if self._conn is None:
-            self._conn = await self.pool.acquire()
-        return self._conn
-
-    async def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
+    async def _drop(self, conn: asyncpg.Connection | None) -> None:
         if conn is not None:
             with contextlib.suppress(*DATABASE_DOWN_ERRORS):
                 await self.pool.release(conn)  # a broken one is terminated there, never reused
 
-    async def _commit(self, batch: list[Request]) -> None:
+    async def _commit(self, conn: asyncpg.Connection, batch: list[Request]) -> bool:
+        """One flight's statement and commit; False if the connection broke (the batch got 503)."""
         try:
-            conn = await self._flight_connection()
             rows = await conn.fetch(PUBLISH_BATCH_SQL, *_arguments(batch), self.wait_ms, True)
         except DATABASE_DOWN_ERRORS as exc:
-            await self._drop_connection()
             for request in batch:
                 _fail(request, exc)
-            return
+            return False
         except asyncpg.PostgresError as exc:
             if len(batch) == 1:
                 _fail(batch[0], _translate(exc))
-                return
+                return True
             log.warning("a batch of %d publishes failed (%s); retrying each alone", len(batch), exc.sqlstate)
-            for request in batch:
-                await self._commit([request])
-            return
+            for n, request in enumerate(batch):
+                if not await self._commit(conn, [request]):
+                    for rest in batch[n + 1 :]:
+                        _fail(rest, Unavailable("The database went away; try again"))
+                    return False
+            return True
         stored = 0
         for request, outcomes in zip(batch, _split(batch, rows), strict=True):
             if any(o.status == "busy" for o in outcomes):
@@ -166,6 +191,7 @@ class GroupCommitter:
             _succeed(request, outcomes)
         if stored:
             self.on_stored(stored)
+        return True
 
     async def _publish_alone(self, request: Request) -> None:
         """A request on a channel another transaction holds: wait for it, publish_wait at most."""

@@ -43,7 +43,11 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[settings_key]
     metrics = app[metrics_key]
     store = app[store_key] = EventStore(
-        app[pool_key], settings.events, on_published=metrics.published.inc, publish_wait=settings.database.publish_wait
+        app[pool_key],
+        settings.events,
+        on_published=metrics.published.inc,
+        publish_wait=settings.database.publish_wait,
+        publish_flights=settings.database.publish_flights,
     )
     realtime = settings.realtime
     hub = app[hub_key] = Hub(store, realtime.outbound_buffer, realtime.max_replays, realtime.heartbeat)
