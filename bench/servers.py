@@ -178,13 +178,17 @@ def is_database(process: psutil.Process) -> bool:
 
 def pin_database(server: Server, cores: set[int]) -> int:
     """Move the server's embedded PostgreSQL (the postmaster, whose new backends inherit it,
-    and the backends already open) onto `cores`; returns how many processes moved."""
+    and the processes it runs already) onto `cores`; returns how many processes moved.
+    pg_ctl detaches the postmaster from Herald, so it is found by its data directory."""
+    pid_file = server.log_path.parent / "pgdata" / "postmaster.pid"
+    if not pid_file.is_file():
+        return 0  # DATABASE_URL: not ours to move
+    postmaster = psutil.Process(int(pid_file.read_text().split()[0]))
     moved = 0
-    for process in psutil.Process(server.process.pid).children(recursive=True):
+    for process in [postmaster, *postmaster.children(recursive=True)]:
         with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            if is_database(process):
-                process.cpu_affinity(sorted(cores))
-                moved += 1
+            process.cpu_affinity(sorted(cores))
+            moved += 1
     return moved
 
 

@@ -80,6 +80,7 @@ class DatabaseSettings:
     schema: str = "herald"  # Herald's tables and functions live here (PROTOCOL §12)
     publish_wait: float = 5.0  # seconds a publish waits behind an SQL transaction on its channel
     publish_flights: int = 2  # group-commit batches a worker has in the database at once
+    publish_synchronous_commit: bool = True  # false: Herald's publishes commit without waiting for the WAL flush
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-from server.keys import store_key
+from server.keys import pool_key, store_key
 from server.settings import SettingsError
 from server.storage import db
 from tests.conftest import wait_for
@@ -494,3 +494,20 @@ async def test_a_pool_of_one_connection_is_not_kept_by_the_flights(make_client):
     assert client.app[store_key].committer._idle == []
     resp = await asyncio.wait_for(client.get("/api/channels/public:solo/events"), 10)  # the pool's one is free
     assert resp.status == 200
+
+
+async def test_publishes_may_commit_without_waiting_for_the_wal_flush_when_told(make_client):
+    """database.publish_synchronous_commit = false: the flights' own connections only."""
+    client = await make_client({"database": {"publish_synchronous_commit": False}})
+    pub = await token_for(client, "pub", ("publisher",))
+    assert (await publish(client, pub, "public:fast", 1))["offset"] == 1
+    (kept, *_) = client.app[store_key].committer._idle
+    assert await kept.fetchval("SHOW synchronous_commit") == "off"
+    async with client.app[pool_key].acquire() as other:
+        assert await other.fetchval("SHOW synchronous_commit") == "on"
+
+
+async def test_publishes_wait_for_the_wal_flush_by_default(client, pub):
+    assert (await publish(client, pub, "public:safe", 1))["offset"] == 1
+    (kept, *_) = client.app[store_key].committer._idle
+    assert await kept.fetchval("SHOW synchronous_commit") == "on"

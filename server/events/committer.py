@@ -48,6 +48,9 @@ from server.storage.db import DATABASE_DOWN_ERRORS, committed_connection
 log = logging.getLogger("herald.committer")
 
 PUBLISH_BATCH_SQL = "SELECT item, status, stored_offset, stored_json FROM publish_batch($1, $2, $3, $4, $5, $6, $7, $8)"
+# database.publish_synchronous_commit = false: the flights' connections commit without
+# waiting for the WAL flush (PostgreSQL's synchronous_commit = off, this session only).
+ASYNC_COMMIT_SQL = "SET synchronous_commit = off"
 MAX_BATCH_ITEMS = 5000  # one statement's arrays; more waits for the next flight
 
 
@@ -81,12 +84,18 @@ def channel_busy() -> Unavailable:
 
 class GroupCommitter:
     def __init__(
-        self, pool: asyncpg.Pool, publish_wait: float, on_stored: Callable[[int], None], flights: int = 2
+        self,
+        pool: asyncpg.Pool,
+        publish_wait: float,
+        on_stored: Callable[[int], None],
+        flights: int = 2,
+        synchronous_commit: bool = True,
     ) -> None:
         self.pool = pool
         self.wait_ms = max(1, round(publish_wait * 1000))
         self.on_stored = on_stored  # called with the number of new events of each commit
         self.flights = flights
+        self.synchronous_commit = synchronous_commit
         self.keep = min(flights, pool.get_max_size() - 1)  # connections kept between flights
         self._pending: deque[Request] = deque()
         self._flying: set[asyncio.Task[None]] = set()
@@ -130,7 +139,7 @@ class GroupCommitter:
                     while conn is None or not is_open(conn):  # none yet, or the database closed it meanwhile
                         await self._drop(conn)
                         conn = None
-                        conn = self._idle.pop() if self._idle else await self.pool.acquire()
+                        conn = self._idle.pop() if self._idle else await self._acquire()
                     if not await self._commit(conn, batch):
                         await self._drop(conn)
                         conn = None
@@ -155,6 +164,16 @@ class GroupCommitter:
         idle, self._idle = self._idle, []
         for conn in idle:
             await self._drop(conn)
+
+    async def _acquire(self) -> asyncpg.Connection:
+        conn = await self.pool.acquire()
+        if not self.synchronous_commit:
+            try:
+                await conn.execute(ASYNC_COMMIT_SQL)  # undone by the pool's reset when it goes back
+            except BaseException:
+                await self._drop(conn)
+                raise
+        return conn
 
     async def _drop(self, conn: asyncpg.Connection | None) -> None:
         if conn is not None:

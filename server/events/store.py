@@ -134,12 +134,13 @@ class EventStore:
         *,
         publish_wait: float = 5.0,
         publish_flights: int = 2,
+        synchronous_commit: bool = True,
     ) -> None:
         self.pool = pool
         self.settings = settings
         # Every Herald publish is group-committed through publish_batch, which stores each
         # item with store_event: the one definition of storing an event (SQL publishers too).
-        self.committer = GroupCommitter(pool, publish_wait, on_published, publish_flights)
+        self.committer = GroupCommitter(pool, publish_wait, on_published, publish_flights, synchronous_commit)
         self.on_published = on_published
 
     async def close(self) -> None:

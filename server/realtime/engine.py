@@ -48,6 +48,7 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
         on_published=metrics.published.inc,
         publish_wait=settings.database.publish_wait,
         publish_flights=settings.database.publish_flights,
+        synchronous_commit=settings.database.publish_synchronous_commit,
     )
     realtime = settings.realtime
     hub = app[hub_key] = Hub(store, realtime.outbound_buffer, realtime.max_replays, realtime.heartbeat)
