@@ -449,9 +449,11 @@ def test_batch_limits_are_settings(make_settings):
         make_settings({"limits": {"batch_events": 0}})
 
 
-async def test_a_second_flight_is_stored_while_the_first_is_still_in_the_air(client, pub):
-    """database.publish_flights (2): publishes arriving while one flight is held go in a
+async def test_a_second_flight_is_stored_while_the_first_is_still_in_the_air(make_client):
+    """database.publish_flights = 2: publishes arriving while one flight is held go in a
     second flight, on the same channel too, and offsets stay gapless in commit order."""
+    client = await make_client({"database": {"publish_flights": 2}})
+    pub = await token_for(client, "pub", ("publisher",))
     committer = client.app[store_key].committer
     assert committer.flights == 2
     release = asyncio.Event()
@@ -471,6 +473,12 @@ async def test_a_second_flight_is_stored_while_the_first_is_still_in_the_air(cli
     release.set()
     assert (await first)["offset"] == 2
     assert [e["data"] for e in await history(client, "public:two")] == ["second", "first"]
+
+
+def test_auto_flights_are_two_for_a_lone_worker_and_one_each_for_more(make_settings):
+    assert make_settings({"server": {"workers": 1}}).publish_flights == 2
+    assert make_settings({"server": {"workers": 2}}).publish_flights == 1
+    assert make_settings({"server": {"workers": 4}, "database": {"publish_flights": 3}}).publish_flights == 3
 
 
 async def test_with_one_flight_the_next_publishes_wait_for_it(make_client):

@@ -16,13 +16,14 @@ batch does not decide for the others:
 - a lost database fails every request of the batch (503); the one transaction means
   none of it is half-stored.
 
-Up to `flights` batches (database.publish_flights, 2) are in the air at once, each on
-its own connection: measured with one, a flight of 16 publishes took 5.7 ms where the
-statement alone takes 2, the rest being the round trip and the event loop's turn before
-the answer was read, while the worker idled a third of the time and PostgreSQL most of
-it. A second flight is already in the database when the first commits; on a channel the
+Up to `flights` batches (database.publish_flights: by default two for a lone worker,
+one each where there are more) are in the air at once, each on its own connection.
+Measured with one, a flight of 16 publishes took 5.7 ms where the statement alone takes
+2, the rest being the round trip and the event loop's turn before the answer was read.
+A second flight is already in the database when the first commits; on a channel the
 first one holds it waits for that commit (the channel row's lock), so offsets stay
-gapless and in commit order. One flight at a time is `publish_flights = 1`.
+gapless and in commit order. Workers' flights queue on each other's channel locks the
+same way, which is why several workers keep one each (server/settings.py measured it).
 
 Flights keep their pooled connections between them instead of taking one from the pool
 each time: giving a connection back costs asyncpg's reset query, a round trip before

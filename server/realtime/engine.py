@@ -47,7 +47,7 @@ async def realtime_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.events,
         on_published=metrics.published.inc,
         publish_wait=settings.database.publish_wait,
-        publish_flights=settings.database.publish_flights,
+        publish_flights=settings.publish_flights,
         synchronous_commit=settings.database.publish_synchronous_commit,
     )
     realtime = settings.realtime
