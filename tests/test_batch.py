@@ -519,3 +519,14 @@ async def test_publishes_wait_for_the_wal_flush_by_default(client, pub):
     assert (await publish(client, pub, "public:safe", 1))["offset"] == 1
     (kept, *_) = client.app[store_key].committer._idle
     assert await kept.fetchval("SHOW synchronous_commit") == "on"
+
+
+async def test_a_publish_right_behind_the_last_one_gets_a_flight_of_its_own(make_client):
+    """The next publish can come while the flight that answered the last one is still
+    ending (its answer wakes the caller first): it must find room for a flight."""
+    client = await make_client({"database": {"publish_flights": 1}})
+    store = client.app[store_key]
+    for n in range(1, 11):  # each awaited: the next comes the moment the last is answered
+        async with asyncio.timeout(10):  # not wait_for: its own task would come a turn later
+            event, _ = await store.publish("public:seq", "message", "1")
+        assert event.offset == n

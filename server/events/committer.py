@@ -100,7 +100,7 @@ class GroupCommitter:
         self.keep = min(flights, pool.get_max_size() - 1)  # connections kept between flights
         self._pending: deque[Request] = deque()
         self._flying: set[asyncio.Task[None]] = set()
-        self._alone: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # flights and lone publishes, held until done
         self._idle: list[asyncpg.Connection] = []  # the flights' own connections, kept between flights
         # Tests hold a flight here to make publishes gather behind it.
         self.before_flight: Callable[[list[Request]], object] | None = None
@@ -118,8 +118,10 @@ class GroupCommitter:
         self._pending.append(Request(items, key, fingerprint, future))
         if len(self._flying) < self.flights:
             task = asyncio.get_running_loop().create_task(self._fly())
-            self._flying.add(task)
-            task.add_done_callback(self._flying.discard)
+            self._flying.add(task)  # until it has left its loop (in _fly, not a done callback:
+            # one that ran a turn late made the next publish find no room and no flight to take it)
+            self._tasks.add(task)  # a strong reference until done
+            task.add_done_callback(self._tasks.discard)
         return await future
 
     async def _fly(self) -> None:
@@ -152,6 +154,8 @@ class GroupCommitter:
                     for request in batch:
                         _fail(request, exc)
         finally:
+            # Before any await: from here on a publish must start a flight of its own.
+            self._flying.discard(asyncio.current_task())  # type: ignore[arg-type]
             if conn is not None:
                 if len(self._idle) < self.keep:
                     self._idle.append(conn)
@@ -160,8 +164,8 @@ class GroupCommitter:
 
     async def close(self) -> None:
         """After the last publish (the app's cleanup, before the pool closes)."""
-        if self._flying:
-            await asyncio.wait(self._flying, timeout=5)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5)
         idle, self._idle = self._idle, []
         for conn in idle:
             await self._drop(conn)
@@ -204,8 +208,8 @@ class GroupCommitter:
         for request, outcomes in zip(batch, _split(batch, rows), strict=True):
             if any(o.status == "busy" for o in outcomes):
                 task = asyncio.get_running_loop().create_task(self._publish_alone(request))
-                self._alone.add(task)
-                task.add_done_callback(self._alone.discard)
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
                 continue
             stored += sum(o.status == "new" for o in outcomes)
             _succeed(request, outcomes)
