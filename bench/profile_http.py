@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-chain",
         action="store_true",
-        help="without Herald's middlewares and response hook: what routing, handler and aiohttp cost alone",
+        help="without Herald's front door: what routing, handler and aiohttp cost alone",
     )
     parser.add_argument("--serve", type=int, metavar="PORT", help="only serve until SIGTERM (bench.instructions)")
     return parser.parse_args(argv)

@@ -86,11 +86,10 @@ async def read_json_object(request: web.Request, max_size: int | None = None) ->
         raise PayloadTooLarge(f"Request body is larger than {limit} bytes")
     timeout = request.app[settings_key].server.body_timeout
     try:
-        if request.content.is_eof():  # all of it arrived already (most bodies, with their head)
+        # A body sent a byte at a time holds no handler for long; one that has all arrived
+        # (most, with their head) needs no timer.
+        async with contextlib.nullcontext() if request.content.is_eof() else asyncio.timeout(timeout):
             raw = await request.read()
-        else:
-            async with asyncio.timeout(timeout):  # a body sent a byte at a time holds no handler for long
-                raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"Request body is larger than {limit} bytes") from None
     except TimeoutError:

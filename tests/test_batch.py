@@ -33,7 +33,7 @@ class Gate:
         self.batches.append([len(request.items) for request in batch])
         await self.opened.wait()
 
-    async def primed(self, client, token: str) -> asyncio.Task:
+    async def primed(self, client, token: str) -> asyncio.Future:
         """A first publish in every flight the committer may have in the air, each held
         there, so the next ones gather for one batch."""
         primers = []

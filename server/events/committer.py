@@ -99,7 +99,7 @@ class GroupCommitter:
         self.synchronous_commit = synchronous_commit
         self.keep = min(flights, pool.get_max_size() - 1)  # connections kept between flights
         self._pending: deque[Request] = deque()
-        self._flying: set[asyncio.Task[None]] = set()
+        self._flying = 0  # flights that may still take pending requests
         self._tasks: set[asyncio.Task[None]] = set()  # flights and lone publishes, held until done
         self._idle: list[asyncpg.Connection] = []  # the flights' own connections, kept between flights
         # Tests hold a flight here to make publishes gather behind it.
@@ -116,13 +116,16 @@ class GroupCommitter:
         """Store the items (one request: all or none); one outcome per item, in order."""
         future = asyncio.get_running_loop().create_future()
         self._pending.append(Request(items, key, fingerprint, future))
-        if len(self._flying) < self.flights:
-            task = asyncio.get_running_loop().create_task(self._fly())
-            self._flying.add(task)  # until it has left its loop (in _fly, not a done callback:
-            # one that ran a turn late made the next publish find no room and no flight to take it)
-            self._tasks.add(task)  # a strong reference until done
-            task.add_done_callback(self._tasks.discard)
+        if self._flying < self.flights:
+            self._flying += 1  # until the flight has left its loop (counted down in _fly, not by a
+            # done callback: one that ran a turn late left the next publish with no flight to take it)
+            self._spawn(self._fly())
         return await future
+
+    def _spawn(self, job) -> None:
+        task = asyncio.get_running_loop().create_task(job)
+        self._tasks.add(task)  # a strong reference until done
+        task.add_done_callback(self._tasks.discard)
 
     async def _fly(self) -> None:
         """One flight after another, while requests wait; each flight on a connection of its own."""
@@ -155,7 +158,7 @@ class GroupCommitter:
                         _fail(request, exc)
         finally:
             # Before any await: from here on a publish must start a flight of its own.
-            self._flying.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._flying -= 1
             if conn is not None:
                 if len(self._idle) < self.keep:
                     self._idle.append(conn)
@@ -198,18 +201,12 @@ class GroupCommitter:
                 _fail(batch[0], _translate(exc))
                 return True
             log.warning("a batch of %d publishes failed (%s); retrying each alone", len(batch), exc.sqlstate)
-            for n, request in enumerate(batch):
-                if not await self._commit(conn, [request]):
-                    for rest in batch[n + 1 :]:
-                        _fail(rest, Unavailable("The database went away; try again"))
-                    return False
-            return True
+            # On a connection that broke meanwhile, each of the rest fails at once (503).
+            return all([await self._commit(conn, [request]) for request in batch])
         stored = 0
         for request, outcomes in zip(batch, _split(batch, rows), strict=True):
             if any(o.status == "busy" for o in outcomes):
-                task = asyncio.get_running_loop().create_task(self._publish_alone(request))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._publish_alone(request))
                 continue
             stored += sum(o.status == "new" for o in outcomes)
             _succeed(request, outcomes)

@@ -3,14 +3,38 @@
 -- channels: 26.8 us an item before, most of it not the insert (a plain INSERT of the same
 -- rows takes 7.3): a PL/pgSQL call per item to check it, and a loop sending each NOTIFY
 -- that read jsons[k] from a text array, which walks the array from its start every time.
--- Now one query finds the first invalid item (check_event then raises its usual error),
+-- Now one query finds the first invalid item (check_event then raises its usual error;
+-- its rules are two SQL functions now, so that query and it share them),
 -- and one query sends the NOTIFYs in item order. publish_batch (migration 130, unchanged
 -- but for its first branch) stores a flight with no busy request and no idempotency key
 -- in one call, without its per-item loop: 800 items took 23 ms, of which 7 were that loop.
 
-CREATE FUNCTION is_event_name(channel text, type text) RETURNS boolean
+-- The rules of check_event (the REST side's CHANNEL_NAME and EVENT_TYPE), now held here
+-- once: check_event says which one an item breaks, store_events finds the first that does.
+CREATE FUNCTION is_channel_name(channel text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT channel ~ '^[A-Za-z0-9_.:@-]{1,128}$' AND type ~ '^[A-Za-z0-9_.:-]{1,64}$'
+    SELECT channel ~ '^[A-Za-z0-9_.:@-]{1,128}$'
+$$;
+
+CREATE FUNCTION is_event_type(type text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT type ~ '^[A-Za-z0-9_.:-]{1,64}$'
+$$;
+
+CREATE OR REPLACE FUNCTION check_event(channel text, type text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF is_channel_name(channel) IS NOT TRUE THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'herald.publish: channel must be 1 to 128 characters of A-Z a-z 0-9 _ . : @ -',
+            DETAIL = format('channel = %s', left(quote_nullable(channel), 200));
+    END IF;
+    IF NOT is_event_type(type) THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'herald.publish: type must be 1 to 64 characters of A-Z a-z 0-9 _ . : -',
+            DETAIL = format('type = %s', left(quote_literal(type), 200));
+    END IF;
+END
 $$;
 
 CREATE OR REPLACE FUNCTION store_events(p_channels text[], p_types text[], p_datas text[])
@@ -23,10 +47,11 @@ DECLARE
     jsons text[];
     channels_of text[];
 BEGIN
-    -- The first item is_event_name refuses (NULL for a NULL channel): check_event says why.
-    PERFORM check_event(u.c, coalesce(u.t, 'message'))
-        FROM (SELECT c, t FROM unnest(p_channels, p_types) WITH ORDINALITY AS u (c, t, i)
-              WHERE is_event_name(c, coalesce(t, 'message')) IS NOT TRUE ORDER BY i LIMIT 1) AS u;
+    -- The first item that breaks a rule (a NULL channel included): check_event says which.
+    PERFORM check_event(u.c, u.t)
+        FROM (SELECT c, coalesce(t, 'message') AS t FROM unnest(p_channels, p_types) WITH ORDINALITY AS u (c, t, i)
+              WHERE (is_channel_name(c) AND is_event_type(coalesce(t, 'message'))) IS NOT TRUE
+              ORDER BY i LIMIT 1) AS u;
     WITH listed AS (
         SELECT u.i AS item, u.c AS channel, coalesce(u.t, 'message') AS type, coalesce(u.d, 'null') AS data,
                row_number() OVER (PARTITION BY u.c ORDER BY u.i) AS nth, count(*) OVER (PARTITION BY u.c) AS n
